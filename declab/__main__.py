@@ -1,0 +1,5 @@
+import sys
+
+from declab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""declab command line (a contract: tests and users depend on it; see README).
+
+    declab list [--json]
+    declab run --model KEY --strategy NAME [--set PARAM=VALUE ...] (--prompt TEXT | --prompt-file FILE)
+               [--prompt-format raw|chat] [--max-new-tokens N] [--seed S] [--grammar-file FILE]
+               [--csv PATH] [--parquet PATH] [--json PATH]
+
+Bad input exits with status 2 and one line on stderr, before any model is loaded where possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from declab.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage block too)
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="declab", description="declab: a decoding-strategy lab")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ls = sub.add_parser("list", help="models and strategies, with every parameter, default and range")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    r = sub.add_parser("run", help="run one strategy on one model")
+    r.add_argument("--model", default=None, help="model key from models.yaml (default: the registry default)")
+    r.add_argument("--strategy", required=True)
+    r.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", help="strategy parameter")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompt-file")
+    r.add_argument("--prompt-format", choices=["raw", "chat"], default=None)
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--grammar-file", default=None)
+    r.add_argument("--csv", default=None)
+    r.add_argument("--parquet", default=None)
+    r.add_argument("--json", default=None)
+    r.add_argument("--quiet", action="store_true", help="do not print the generated text")
+    return p
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def cmd_list(args) -> int:
+    from declab.registry import load_registry
+    from strategies.base import STRATEGIES, get_strategy
+    registry = load_registry()
+    get_strategy("greedy")  # registers all
+    data = {
+        "default_model": registry.default,
+        "models": [{"key": s.key, "source": s.source_text, "dtype": s.dtype, "quantization": s.quantization,
+                    "device": s.device, "chat": s.chat, "context_length": s.context_length,
+                    "description": s.description, "pairs": list(s.pairs)} for s in registry.models.values()],
+        "strategies": [{"name": s.name, "title": s.title, "paper": s.paper, "deterministic": s.deterministic,
+                        "params": s.params()} for s in STRATEGIES.values()],
+    }
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    print("models:")
+    for m in data["models"]:
+        star = " (default)" if m["key"] == registry.default else ""
+        print(f"  {m['key']}{star}: {m['description']} [{m['source']}; {m['quantization']}; ctx {m['context_length']}]")
+    print("strategies:")
+    for s in data["strategies"]:
+        print(f"  {s['name']}: {s['title']}")
+        for p in s["params"]:
+            print(f"    {p['name']} ({p['type']}, default {p['default']!r}, range {p['range']}): {p['help']}")
+    return 0
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"--set expects PARAM=VALUE, got {item!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def cmd_run(args) -> int:
+    from declab import trace as tr
+    from declab.registry import load_registry
+    from declab.runner import Run, RunRequest, get_lm, validate
+
+    registry = load_registry()
+    prompt = args.prompt if args.prompt is not None else _read_text(args.prompt_file, "prompt file")
+    extras = {}
+    if args.grammar_file:
+        extras["grammar"] = _read_text(args.grammar_file, "grammar file")
+    request = RunRequest(model=args.model or registry.default, strategy=args.strategy, prompt=prompt,
+                         params=parse_sets(args.set), prompt_format=args.prompt_format,
+                         max_new_tokens=args.max_new_tokens, seed=args.seed, extras=extras)
+    validate(request, registry)                              # fail fast, before loading the model
+    for path in (args.csv, args.parquet, args.json):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UserError(f"cannot write {path}: folder does not exist")
+    lm = get_lm(request.model, registry)
+    run = Run(lm, request, registry)
+    result = run.run_to_end()
+    meta = result.meta
+    if args.csv:
+        tr.write_csv(result.frame, args.csv)
+        tr.write_json(meta, str(Path(args.csv).with_suffix("")) + ".meta.json")
+    if args.parquet:
+        tr.write_parquet(result.frame, args.parquet)
+    if args.json:
+        tr.write_json({"model": meta["model"], "strategy": meta["strategy"], "params": meta["params"],
+                       "seed": meta["seed"], "prompt_format": meta["prompt_format"],
+                       "sequences": [{"text": s.text, "token_ids": s.token_ids, "score": s.score}
+                                     for s in result.sequences],
+                       "metrics": meta["metrics"], "wall_s": meta["wall_s"], "versions": meta["versions"],
+                       "run_id": meta["run_id"], "status": meta["status"]}, args.json)
+    if not args.quiet:
+        for i, s in enumerate(result.sequences):
+            prefix = f"[{i}] " if len(result.sequences) > 1 else ""
+            print(prefix + s.text)
+    if result.status == "failed":
+        print(f"declab: run failed: {result.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return cmd_list(args) if args.command == "list" else cmd_run(args)
+    except UserError as e:
+        print(f"declab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("declab: interrupted", file=sys.stderr)
+        return 130

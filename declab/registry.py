@@ -1,0 +1,111 @@
+"""The model registry: `models.yaml`, validated on load with messages that name the entry and field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from declab.errors import UserError
+
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "models.yaml"
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "bnb-4bit", "bnb-8bit", "int8")
+DEVICES = ("auto", "cpu", "cuda")
+FIELDS = ("source", "dtype", "quantization", "device", "chat", "context_length", "description", "pairs",
+          "trust_remote_code")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One models.yaml entry. `source` is {'hub': id} | {'path': folder} | {'package': pkg, 'gguf': file}."""
+
+    key: str
+    source: dict
+    dtype: str = "auto"
+    quantization: str = "none"
+    device: str = "auto"
+    chat: bool = True
+    context_length: int = 2048
+    description: str = ""
+    pairs: tuple[str, ...] = ()
+    trust_remote_code: bool = False
+
+    @property
+    def source_text(self) -> str:
+        """Where the weights come from, for messages and metadata."""
+        if "hub" in self.source:
+            return f"hub {self.source['hub']}"
+        if "path" in self.source:
+            return f"folder {self.source['path']}"
+        return f"package {self.source['package']} ({self.source['gguf']})"
+
+
+@dataclass(frozen=True)
+class Registry:
+    models: dict[str, ModelSpec]
+    default: str
+
+    def get(self, key: str) -> ModelSpec:
+        if key not in self.models:
+            raise UserError(f"unknown model '{key}'; known models: {', '.join(self.models)}")
+        return self.models[key]
+
+
+def _entry(key: str, raw, where: str) -> ModelSpec:
+    def bad(field: str, why: str):
+        raise UserError(f"{where}: model '{key}', field '{field}': {why}")
+
+    if not isinstance(raw, dict):
+        bad("(entry)", "must be a mapping of fields")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        bad(unknown[0], f"unknown field; allowed: {', '.join(FIELDS)}")
+    source = raw.get("source")
+    if not isinstance(source, dict):
+        bad("source", "required: {hub: ID} | {path: FOLDER} | {package: PKG, gguf: FILE}")
+    kinds = [k for k in ("hub", "path", "package") if k in source]
+    if len(kinds) != 1:
+        bad("source", "give exactly one of hub, path, package")
+    if kinds[0] == "package" and not source.get("gguf"):
+        bad("source", "a package source needs a gguf file name")
+    for field, allowed in (("dtype", DTYPES), ("quantization", QUANTIZATIONS), ("device", DEVICES)):
+        if raw.get(field, allowed[0]) not in allowed:
+            bad(field, f"must be one of {', '.join(allowed)}, got {raw.get(field)!r}")
+    ctx = raw.get("context_length", 2048)
+    if not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 16:
+        bad("context_length", f"must be an integer >= 16, got {ctx!r}")
+    for field in ("chat", "trust_remote_code"):
+        if not isinstance(raw.get(field, False), bool):
+            bad(field, f"must be true or false, got {raw.get(field)!r}")
+    pairs = raw.get("pairs", []) or []
+    if not isinstance(pairs, list) or not all(isinstance(p, str) for p in pairs):
+        bad("pairs", "must be a list of model keys")
+    return ModelSpec(key=key, source=dict(source), dtype=raw.get("dtype", "auto"),
+                     quantization=raw.get("quantization", "none"), device=raw.get("device", "auto"),
+                     chat=raw.get("chat", True), context_length=ctx, description=str(raw.get("description", "")),
+                     pairs=tuple(pairs), trust_remote_code=raw.get("trust_remote_code", False))
+
+
+def load_registry(path: str | Path | None = None) -> Registry:
+    """Read and validate models.yaml (default: the one at the repository root)."""
+    path = Path(path or DEFAULT_PATH)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"cannot read model registry {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict) or not raw["models"]:
+        raise UserError(f"{path}: needs a 'models' mapping with at least one entry")
+    models = {str(k): _entry(str(k), v, str(path)) for k, v in raw["models"].items()}
+    for spec in models.values():
+        for p in spec.pairs:
+            if p not in models:
+                raise UserError(f"{path}: model '{spec.key}', field 'pairs': unknown model '{p}'")
+    default = raw.get("default", next(iter(models)))
+    if default not in models:
+        raise UserError(f"{path}: default '{default}' is not a model in the file")
+    return Registry(models=models, default=default)

@@ -1,0 +1,73 @@
+"""Sampling helpers shared by every strategy: entropy, logits warpers, seeded draws.
+
+The warpers follow transformers' order and semantics (temperature, top-k, top-p, min-p), so a strategy that says
+"top_p=0.9" means what a transformers user expects. Removed tokens get -inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LN2 = math.log(2.0)
+
+
+def entropy_bits(logp: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in bits of the distribution(s) given as log-probs. logp: [..., V] -> [...]."""
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1) / LN2
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the top_k largest logits per row (0 = off). logits: [..., V]."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]            # [..., 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter as in transformers' TopPLogitsWarper: drop the low tail whose mass is <= 1 - top_p,
+    always keeping the most likely token (1.0 = off)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)   # [..., V] ascending
+    cum = sorted_logits.softmax(-1).cumsum(-1)                            # [..., V]
+    remove_sorted = cum <= (1.0 - top_p)
+    remove_sorted[..., -1] = False
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens with p >= min_p * p_max (0 = off), as transformers' MinPLogitsWarper."""
+    if min_p <= 0.0:
+        return logits
+    p = logits.softmax(-1)                                                # [..., V]
+    threshold = min_p * p.max(-1, keepdim=True).values                    # [..., 1]
+    return logits.masked_fill(p < threshold, float("-inf"))
+
+
+def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+         min_p: float = 0.0) -> torch.Tensor:
+    """temperature -> top-k -> top-p -> min-p, transformers' order."""
+    logits = apply_temperature(logits, temperature)
+    logits = top_k_filter(logits, top_k)
+    logits = top_p_filter(logits, top_p)
+    return min_p_filter(logits, min_p)
+
+
+def draw(logits: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from softmax(logits) [V], using the run's seeded generator (never the global RNG)."""
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g

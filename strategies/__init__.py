@@ -1,0 +1,4 @@
+"""Decoding strategies, one module each; importing this package registers them all (see base.STRATEGIES)."""
+
+from strategies import greedy, sample  # noqa: F401
+from strategies.base import STRATEGIES, get_strategy  # noqa: F401

@@ -1,0 +1,1 @@
+"""Plotly figures over trace frames: pure functions, trace DataFrame (+ run metadata) -> go.Figure."""
