@@ -90,6 +90,10 @@ def load_lm(spec: ModelSpec) -> tuple[LM, dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
+    if "fake" in spec.source:
+        from declab.fake import FakeLM
+        return FakeLM(key=spec.key, spec=spec, delay_s=float(os.environ.get("DECLAB_FAKE_DELAY", "0"))), {
+            "load_s": time.perf_counter() - t0, "source": spec.source_text, "cached": True}
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
     qconfig = _quantization_config(spec, device)

@@ -10,6 +10,7 @@ import yaml
 from declab.errors import UserError
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "models.yaml"
+ENV_PATH = "DECLAB_MODELS"      # another models.yaml (tests point it at one with the scripted fake model)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "bnb-4bit", "bnb-8bit", "int8")
@@ -40,6 +41,8 @@ class ModelSpec:
             return f"hub {self.source['hub']}"
         if "path" in self.source:
             return f"folder {self.source['path']}"
+        if "fake" in self.source:
+            return f"scripted fake model ({self.source['fake']})"
         return f"package {self.source['package']} ({self.source['gguf']})"
 
 
@@ -66,9 +69,9 @@ def _entry(key: str, raw, where: str) -> ModelSpec:
     source = raw.get("source")
     if not isinstance(source, dict):
         bad("source", "required: {hub: ID} | {path: FOLDER} | {package: PKG, gguf: FILE}")
-    kinds = [k for k in ("hub", "path", "package") if k in source]
+    kinds = [k for k in ("hub", "path", "package", "fake") if k in source]
     if len(kinds) != 1:
-        bad("source", "give exactly one of hub, path, package")
+        bad("source", "give exactly one of hub, path, package (or fake, for tests)")
     if kinds[0] == "package" and not source.get("gguf"):
         bad("source", "a package source needs a gguf file name")
     for field, allowed in (("dtype", DTYPES), ("quantization", QUANTIZATIONS), ("device", DEVICES)):
@@ -90,8 +93,9 @@ def _entry(key: str, raw, where: str) -> ModelSpec:
 
 
 def load_registry(path: str | Path | None = None) -> Registry:
-    """Read and validate models.yaml (default: the one at the repository root)."""
-    path = Path(path or DEFAULT_PATH)
+    """Read and validate models.yaml (default: $DECLAB_MODELS, else the one at the repository root)."""
+    import os
+    path = Path(path or os.environ.get(ENV_PATH) or DEFAULT_PATH)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:

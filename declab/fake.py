@@ -1,0 +1,157 @@
+"""A scripted fake LM with the same surface as `declab.lm.LM`, for fast exact tests and for app tests.
+
+Its next-token logits are a pure function of the context: by default a fixed pseudo-random function of the last
+two token ids (so runs are deterministic and diverse), or any `logits_fn(context_ids) -> [V]` a test scripts.
+Its tokenizer is a longest-match over a small vocabulary that includes hostile strings (`<script>`, `=1+1`,
+quotes, commas, newlines) so escaping and CSV export are exercised by every run.
+
+models.yaml entries with `source: {fake: NAME}` load it (tests point `DECLAB_MODELS` at such a file).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from declab.lm import StepOut
+from declab.registry import ModelSpec
+
+DEFAULT_VOCAB = ("</s>", " the", " cat", " sat", " on", " mat", " a", " dog", " ran", ".", ",", " and", "\n",
+                 " <script>alert(1)</script>", " =1+1", ' "quoted"', " -x", " @me", " café", " 🙂", "\t", " is",
+                 " big", " red", " blue", " it", " was", " very", "!", " x", " y", " z")
+
+
+@dataclass
+class FakeCache:
+    ids: torch.Tensor                    # [B, L] every position seen so far
+
+    def get_seq_length(self) -> int:
+        return int(self.ids.shape[1])
+
+
+def hashed_logits(vocab_size: int, scale: float = 3.0) -> Callable[[list[int]], torch.Tensor]:
+    """Default script: logits depend on the last two ids through a fixed seeded table."""
+    table = torch.randn(vocab_size + 1, vocab_size + 1, vocab_size, generator=torch.Generator().manual_seed(1234))
+
+    def fn(context: list[int]) -> torch.Tensor:
+        a = context[-2] if len(context) > 1 else vocab_size
+        b = context[-1] if context else vocab_size
+        return table[a, b] * scale
+    return fn
+
+
+class FakeTokenizer:
+    chat_template = "<user>{text}<assistant>"
+
+    def __init__(self, vocab: tuple[str, ...]):
+        self.vocab = vocab
+        self.by_length = sorted(range(len(vocab)), key=lambda i: -len(vocab[i]))
+        self.eos_token_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        ids, i = [], 0
+        while i < len(text):
+            for t in self.by_length:
+                s = self.vocab[t]
+                if t != 0 and s and text.startswith(s, i):
+                    ids.append(t)
+                    i += len(s)
+                    break
+            else:
+                i += 1                    # characters outside the vocabulary are dropped
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(self.vocab[i] for i in ids if not (skip_special_tokens and i == 0))
+
+
+class FakeLM:
+    """Drop-in for LM in tests: same methods, CPU, float32, exact."""
+
+    def __init__(self, logits_fn: Callable[[list[int]], torch.Tensor] | None = None,
+                 vocab: tuple[str, ...] = DEFAULT_VOCAB, key: str = "fake", spec: ModelSpec | None = None,
+                 hidden_size: int = 16, delay_s: float = 0.0):
+        self.vocab = vocab
+        self.vocab_size = len(vocab)
+        self.logits_fn = logits_fn or hashed_logits(self.vocab_size)
+        self.tokenizer = FakeTokenizer(vocab)
+        self.key = key
+        self.spec = spec or ModelSpec(key=key, source={"fake": "default"}, chat=False, context_length=512,
+                                      description="scripted fake model")
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.quantization = "none"
+        self.eos_ids = frozenset({0})
+        self.delay_s = delay_s           # per forward, to let UI tests see streaming / stop
+        self.embed = torch.randn(self.vocab_size, hidden_size, generator=torch.Generator().manual_seed(7))
+        self.forwards = 0                # number of forward calls (tests count passes)
+
+    # -- timing, same as LM
+    def sync(self) -> None:
+        pass
+
+    def clock_ms(self) -> float:
+        return time.perf_counter() * 1000.0
+
+    def as_ids(self, ids) -> torch.Tensor:
+        t = torch.as_tensor(ids, dtype=torch.long)
+        return t[None, :] if t.dim() == 1 else t
+
+    def new_cache(self) -> FakeCache:
+        return FakeCache(torch.zeros(1, 0, dtype=torch.long))
+
+    def _forward(self, cache: FakeCache, ids: torch.Tensor, hidden: bool, all_logits: bool) -> StepOut:
+        t0 = self.clock_ms()
+        self.forwards += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if cache.ids.shape[1] == 0 and cache.ids.shape[0] != ids.shape[0]:
+            cache.ids = cache.ids.expand(ids.shape[0], 0)
+        base = cache.ids                                                   # [B, L]
+        cache.ids = torch.cat([base, ids], dim=1)                          # [B, L+T]
+        B, T = ids.shape
+        rows = [[self.logits_fn(cache.ids[b, : base.shape[1] + t + 1].tolist()).float() for t in range(T)]
+                for b in range(B)]
+        logits = torch.stack([torch.stack(r) for r in rows])               # [B, T, V]
+        h = self.embed[ids] if hidden else None                            # [B, T, H]
+        return StepOut(logits=logits if all_logits else logits[:, -1, :], cache=cache, hidden=h,
+                       fwd_ms=self.clock_ms() - t0)
+
+    def prefill(self, ids, hidden: bool = False, all_logits: bool = False) -> StepOut:
+        return self._forward(self.new_cache(), self.as_ids(ids), hidden, all_logits)
+
+    def step(self, ids, cache: FakeCache, hidden: bool = False, all_logits: bool = False,
+             inputs_embeds: torch.Tensor | None = None) -> StepOut:
+        if inputs_embeds is not None:
+            raise NotImplementedError("the fake model has no inputs_embeds path")
+        return self._forward(cache, self.as_ids(ids), hidden, all_logits)
+
+    @property
+    def embedding_matrix(self) -> torch.Tensor:
+        return self.embed
+
+    @staticmethod
+    def fork(cache: FakeCache, n: int) -> FakeCache:
+        cache.ids = cache.ids.repeat_interleave(n, dim=0)
+        return cache
+
+    def select(self, cache: FakeCache, rows) -> FakeCache:
+        cache.ids = cache.ids[torch.as_tensor(rows, dtype=torch.long)]
+        return cache
+
+    @staticmethod
+    def crop(cache: FakeCache, length: int) -> FakeCache:
+        cache.ids = cache.ids[:, :length]
+        return cache
+
+    def token_text(self, token_id: int) -> str:
+        return self.vocab[token_id]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def encode_prompt(self, text: str, prompt_format: str) -> list[int]:
+        return self.tokenizer.encode(text)
