@@ -30,6 +30,7 @@ BASE_DTYPES = {"run_id": "string", "strategy": "string", "step": "Int64", "kind"
                "logprob": "float64", "entropy": "float64", "score": "float64", "model": "string",
                "accepted": "boolean", "t_ms": "float64", "dt_ms": "float64"}
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "'")
+TEXT_DTYPES = ("string", "str", "object")
 
 
 class Trace:
@@ -65,7 +66,7 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
     for col, dtype in BASE_DTYPES.items():
         df[col] = df[col].astype(dtype)
     for col in extras:
-        if df[col].dtype == object:
+        if str(df[col].dtype) in TEXT_DTYPES:
             inferred = df[col].convert_dtypes()
             df[col] = inferred if str(inferred.dtype) in ("string", "boolean", "Int64", "Float64") else df[col]
     return df
@@ -89,7 +90,7 @@ def _unprotect(value: str) -> str:
 def write_csv(df: pd.DataFrame, path) -> None:
     out = df.copy()
     for col in out.columns:
-        if str(out[col].dtype) in ("string", "object"):
+        if str(out[col].dtype) in TEXT_DTYPES:
             out[col] = out[col].astype(object).map(_protect)
     out.to_csv(path, index=False, quoting=csv.QUOTE_NONNUMERIC, encoding="utf-8", lineterminator="\n")
 
@@ -107,7 +108,7 @@ def read_trace(path, dtypes: dict[str, str] | None = None) -> pd.DataFrame:
         cells = raw[col]
         na = cells == ""                                   # a real empty string was written as "'"
         dtype = dtypes.get(col)
-        if dtype in ("string", "object") or (dtype is None and cells.str.startswith("'").any()):
+        if dtype in TEXT_DTYPES or (dtype is None and cells.str.startswith("'").any()):
             out[col] = cells.map(_unprotect).mask(na).astype("string")
         elif dtype == "boolean" or (dtype is None and set(cells[~na]) <= {"True", "False"} and (~na).any()):
             out[col] = cells.map({"True": True, "False": False}).mask(na).astype("boolean")
