@@ -73,6 +73,18 @@ def embedded_folder(spec: ModelSpec) -> Path:
     return target
 
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A quick TCP check of the hub endpoint, so an offline machine fails in seconds instead of retrying."""
+    import socket
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def _quantization_config(spec: ModelSpec, device: str):
     if spec.quantization in ("bnb-4bit", "bnb-8bit"):
         if device != "cuda":
@@ -117,6 +129,10 @@ def load_lm(spec: ModelSpec) -> tuple[LM, dict]:
         except OSError:
             if "hub" not in spec.source or os.environ.get("HF_HUB_OFFLINE") == "1":
                 raise
+            if not hub_reachable():
+                raise UserError(f"model '{spec.key}' ({spec.source_text}) is not available locally and the hub "
+                                f"cannot be reached (no network); use the embedded default model "
+                                f"or download it where there is network") from None
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as e:
