@@ -2,7 +2,6 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.declab-installed
-PORT   ?= 8501
 
 .PHONY: setup run test test-fast bench browser clean
 
@@ -27,7 +26,7 @@ browser:
 	  else echo "chromium is missing: install Debian's chromium (apt-get install chromium) for the browser test"; fi; }
 
 run: setup
-	$(PY) -m streamlit run app/Home.py --server.headless true --server.port $(PORT) --browser.gatherUsageStats false
+	$(PY) -m streamlit run app/Home.py --server.headless true --browser.gatherUsageStats false
 
 test: setup browser
 	$(PY) -m pytest -q

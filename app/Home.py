@@ -1,0 +1,22 @@
+"""declab: the Streamlit entry point (`streamlit run app/Home.py`, or `make run`).
+
+Multipage navigation: Run (the landing page), Compare, Trace explorer, Teach and Export. Each page is a thin script
+over app/common.py; decoding lives in declab/ and strategies/, figures in viz/.
+"""
+
+import streamlit as st
+
+st.set_page_config(page_title="declab", page_icon=":material/science:", layout="wide")
+
+import common  # noqa: E402  (app/ is on sys.path: Streamlit adds the main script's folder)
+
+pages = [
+    st.Page("pages/run.py", title="Run", icon=":material/play_arrow:", url_path="run", default=True),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("pages/trace_explorer.py", title="Trace explorer", icon=":material/query_stats:", url_path="explorer"),
+    st.Page("pages/teach.py", title="Teach", icon=":material/school:", url_path="teach"),
+    st.Page("pages/export.py", title="Export", icon=":material/download:", url_path="export"),
+]
+page = st.navigation(pages)
+common.sidebar_status()
+page.run()
