@@ -1,1 +1,23 @@
-"""Plotly figures over trace frames: pure functions, trace DataFrame (+ run metadata) -> go.Figure."""
+"""Plotly figures over trace frames: pure functions, trace DataFrame (+ run metadata dict) -> go.Figure.
+
+No model, no Streamlit, nothing runs at import time. Every text that came from a model or a user is escaped.
+
+    figures_for(frame, meta) -> {label: Figure}        viz.figures: everything that applies, in display order
+    token_tree(frame, color_by="logprob")              viz.tree
+    entropy_figure(frame, meta=None)                   viz.timeline
+    latency_figure(frame)                              viz.timeline
+    compare_figure({name: frame}, column)              viz.timeline
+    acceptance_figure(frame) -> Figure | None          viz.acceptance
+    mechanism_figures(frame, meta) -> {strategy: Figure}   viz.mechanism
+    html_report(meta, frame) -> str                    viz.report
+"""
+
+from viz.acceptance import acceptance_figure
+from viz.figures import MECHANISM_LABELS, figures_for, tree_color
+from viz.mechanism import mechanism_figures
+from viz.report import html_report
+from viz.timeline import compare_figure, entropy_figure, latency_figure
+from viz.tree import token_tree
+
+__all__ = ["figures_for", "token_tree", "entropy_figure", "latency_figure", "acceptance_figure", "compare_figure",
+           "mechanism_figures", "html_report", "tree_color", "MECHANISM_LABELS"]

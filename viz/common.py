@@ -1,0 +1,182 @@
+"""Shared pieces of the figures: escaping, column access, the chosen path through the token tree, layout.
+
+Conventions every figure follows:
+- x is the decoding `step` (0-based, one per generated token of the chosen sequence) unless said otherwise.
+- Entropy and surprise are in bits; `logprob` is a natural log, so surprise = -logprob / ln 2.
+- Model text (token_text, prompt, generated text, labels given by the caller) goes through `esc` before it
+  reaches a figure: plotly renders a subset of HTML (<b>, <br>, <a href>, entities) in text and hover labels.
+- A figure builder returns None when the frame lacks what it shows; it never raises on missing columns.
+"""
+
+from __future__ import annotations
+
+import bisect
+import html
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+LN2 = math.log(2.0)
+TEMPLATE = "plotly_white"
+HIGHLIGHT = "#d62728"        # the chosen path
+MUTED = "#b0b0b0"            # pruned alternatives
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
+           "#aec7e8", "#ffbb78", "#98df8a")
+AXIS_TITLES = {"entropy": "entropy (bits)", "logprob": "logprob (ln p)", "surprise": "surprise (bits)",
+               "dt_ms": "step time (ms)", "score": "score", "penalty": "penalty", "mu": "μ (bits)"}
+_CONTROL = {"\n": "↵", "\r": "␍", "\t": "⇥"}
+
+
+def esc(text) -> str:
+    """Text -> safe for plotly labels and HTML: html.escape, with '"' as the numeric entity &#34; (plotly.js
+    decodes numeric entities but not &quot;). None/NA -> ''."""
+    if text is None or (not isinstance(text, str) and pd.isna(text)):
+        return ""
+    return html.escape(str(text)).replace("&quot;", "&#34;")
+
+
+def show_token(text, limit: int | None = None) -> str:
+    """A token as a visible, escaped label: newline/tab/CR drawn as ↵ ⇥ ␍, other control characters as \\xNN,
+    an all-space token as ␣; cut to `limit` characters with an ellipsis."""
+    if text is None or (not isinstance(text, str) and pd.isna(text)):
+        return ""
+    s = "".join(_CONTROL.get(c, f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c) for c in str(text))
+    if s and not s.strip(" "):
+        s = "␣" * len(s)
+    if limit is not None and len(s) > limit:
+        s = s[: limit - 1] + "…"
+    return esc(s)
+
+
+def has(frame: pd.DataFrame | None, *columns: str) -> bool:
+    """True when every column exists and has at least one value."""
+    return frame is not None and all(c in frame.columns and frame[c].notna().any() for c in columns)
+
+
+def num(series: pd.Series) -> np.ndarray:
+    """A column as float64 numpy with NaN for missing (works for Int64/boolean/Float64/object)."""
+    return pd.to_numeric(series, errors="coerce").astype("float64").to_numpy()
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A cell for hover text: numbers rounded, text escaped, missing -> ''."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.{digits}g}" if abs(value) < 1e4 else f"{float(value):.0f}"
+    return esc(value)
+
+
+def rows_of(frame: pd.DataFrame, *kinds: str) -> pd.DataFrame:
+    if frame is None or "kind" not in frame.columns:
+        return pd.DataFrame(columns=[] if frame is None else frame.columns)
+    return frame[frame["kind"].isin(kinds)]
+
+
+# ------------------------------------------------------------------------------------------------ token tree
+def parent_finder(tokens: pd.DataFrame):
+    """(parent_id, step) -> position in `tokens` of the latest row of branch `parent_id` at an earlier step
+    (normally step-1; the last one when a step has several), or -1 for the prompt. This is how the
+    (branch_id, parent_id, step) columns make a tree. Missing branch ids are read as 0 (a single chain)."""
+    n = len(tokens)
+    steps = np.nan_to_num(num(tokens["step"]), nan=-1.0) if "step" in tokens else np.zeros(n)
+    branch_ids = np.nan_to_num(num(tokens["branch_id"])) if "branch_id" in tokens else np.zeros(n)
+    by_branch: dict[float, tuple[list[float], list[int]]] = {}
+    for k in np.argsort(steps, kind="stable"):
+        s_list, p_list = by_branch.setdefault(branch_ids[k], ([], []))
+        s_list.append(steps[k])
+        p_list.append(int(k))
+
+    def find(parent_id, step) -> int:
+        parent_id = 0.0 if pd.isna(parent_id) else float(parent_id)
+        if parent_id not in by_branch:
+            return -1
+        s_list, p_list = by_branch[parent_id]
+        i = bisect.bisect_left(s_list, -1.0 if pd.isna(step) else float(step))
+        return p_list[i - 1] if i else -1
+    return find
+
+
+def link_parents(tokens: pd.DataFrame) -> list[int]:
+    """Parent position (in `tokens`, -1 = prompt) of every token row; see `parent_finder`."""
+    find = parent_finder(tokens)
+    parent_ids = tokens["parent_id"] if "parent_id" in tokens else pd.Series(0, index=tokens.index)
+    return [find(p, s) for p, s in zip(parent_ids, tokens["step"])]
+
+
+def sorted_tokens(frame: pd.DataFrame) -> pd.DataFrame:
+    """The `token` rows sorted by step (stable, so the strategy's order within a step is kept)."""
+    tokens = rows_of(frame, "token")
+    if "step" in tokens.columns and len(tokens):
+        tokens = tokens.sort_values("step", kind="stable")
+    return tokens
+
+
+def chosen_leaf(tokens: pd.DataFrame, frame: pd.DataFrame) -> int:
+    """Position in `tokens` (sorted by step) of the last token of the chosen sequence, -1 if none.
+    With `finish` rows: the finished branch with the best score. Otherwise the best-scored token row at the last
+    step (the first such row when there are no scores)."""
+    if not len(tokens):
+        return -1
+    steps = num(tokens["step"])
+    branches = num(tokens["branch_id"]) if "branch_id" in tokens else np.zeros(len(tokens))
+    finish = rows_of(frame, "finish")
+    if len(finish) and has(finish, "score", "branch_id"):
+        best = finish.loc[finish["score"].astype("float64").idxmax()]
+        at = [k for k in range(len(tokens)) if branches[k] == float(best["branch_id"])
+              and (pd.isna(best.get("step")) or steps[k] <= float(best["step"]))]
+        if at:
+            return at[-1]
+    last = np.flatnonzero(steps == np.nanmax(steps)) if not np.isnan(steps).all() else np.arange(len(tokens))
+    scores = num(tokens["score"])[last] if "score" in tokens else np.full(len(last), np.nan)
+    return int(last[int(np.nanargmax(scores))] if not np.isnan(scores).all() else last[0])
+
+
+def path_positions(parents: list[int], leaf: int) -> list[int]:
+    """Positions from the root's child down to `leaf`."""
+    out = []
+    while leaf >= 0:
+        out.append(leaf)
+        leaf = parents[leaf]
+    return out[::-1]
+
+
+def chosen_path(frame: pd.DataFrame) -> pd.DataFrame:
+    """The `token` rows of the chosen sequence in order: for a single chain every token row; for beams / drafts
+    the path from the prompt to the chosen leaf (see `chosen_leaf`)."""
+    tokens = sorted_tokens(frame)
+    if not len(tokens):
+        return tokens
+    return tokens.iloc[path_positions(link_parents(tokens), chosen_leaf(tokens, frame))]
+
+
+# ------------------------------------------------------------------------------------------------ layout
+def style(fig: go.Figure, title: str, x_title: str | None = None, y_title: str | None = None,
+          height: int | None = None) -> go.Figure:
+    """Common look: white template, title, axis titles, legend above the plot."""
+    fig.update_layout(template=TEMPLATE, title={"text": title}, height=height, margin={"l": 60, "r": 30, "t": 70, "b": 50},
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "left", "x": 0})
+    if x_title is not None:
+        fig.update_xaxes(title_text=x_title)
+    if y_title is not None:
+        fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def meta_params(meta: dict | None) -> dict:
+    params = (meta or {}).get("params") or {}
+    return params if isinstance(params, dict) else {}
+
+
+def strategy_of(frame: pd.DataFrame | None, meta: dict | None) -> str:
+    if meta and meta.get("strategy"):
+        return str(meta["strategy"])
+    if has(frame, "strategy"):
+        return str(frame["strategy"].dropna().iloc[0])
+    return ""
