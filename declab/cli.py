@@ -3,7 +3,7 @@
     declab list [--json]
     declab run --model KEY --strategy NAME [--set PARAM=VALUE ...] (--prompt TEXT | --prompt-file FILE)
                [--prompt-format raw|chat] [--max-new-tokens N] [--seed S] [--grammar-file FILE]
-               [--csv PATH] [--parquet PATH] [--json PATH]
+               [--csv PATH] [--parquet PATH] [--json PATH] [--html PATH]
 
 Bad input exits with status 2 and one line on stderr, before any model is loaded where possible.
 """
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--csv", default=None)
     r.add_argument("--parquet", default=None)
     r.add_argument("--json", default=None)
+    r.add_argument("--html", default=None, help="standalone HTML report: figures, text, metadata (opens offline)")
     r.add_argument("--quiet", action="store_true", help="do not print the generated text")
     return p
 
@@ -105,7 +106,7 @@ def cmd_run(args) -> int:
                          params=parse_sets(args.set), prompt_format=args.prompt_format,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, extras=extras)
     validate(request, registry)                              # fail fast, before loading the model
-    for path in (args.csv, args.parquet, args.json):
+    for path in (args.csv, args.parquet, args.json, args.html):
         if path and not Path(path).resolve().parent.is_dir():
             raise UserError(f"cannot write {path}: folder does not exist")
     lm = get_lm(request.model, registry)
@@ -124,6 +125,9 @@ def cmd_run(args) -> int:
                                      for s in result.sequences],
                        "metrics": meta["metrics"], "wall_s": meta["wall_s"], "versions": meta["versions"],
                        "run_id": meta["run_id"], "status": meta["status"]}, args.json)
+    if args.html:
+        from viz.report import html_report
+        Path(args.html).write_text(html_report(meta, result.frame), encoding="utf-8")
     if not args.quiet:
         for i, s in enumerate(result.sequences):
             prefix = f"[{i}] " if len(result.sequences) > 1 else ""
