@@ -1,0 +1,1 @@
+"""Benchmarks: print a table and write JSON under bench/results/. Ratios are measured side by side in one run."""
