@@ -19,6 +19,8 @@ from plotly.subplots import make_subplots
 from viz.common import PALETTE, chosen_path, esc, has, num, rows_of, style
 
 ROLLING_WINDOW = 20
+INTEGER_AXES = ("round", "draft position")
+UNIT_AXES = ("acceptance rate", "share of tokens", "masked mass")         # fractions in [0, 1]
 
 
 def _accepted_flags(rows: pd.DataFrame) -> np.ndarray:
@@ -31,7 +33,7 @@ def _per_round(decisions: pd.DataFrame):
     per = pd.Series(_accepted_flags(decisions), index=decisions.index).groupby(decisions["round"]).sum()
     return ("Accepted tokens per round", "round", "accepted tokens",
             [go.Bar(x=num(per.index.to_series()), y=per.to_numpy(), name="accepted per round",
-                    marker_color=PALETTE[0])])
+                    marker_color=PALETTE[0], showlegend=False)])
 
 
 def _by_draft_pos(decisions: pd.DataFrame):
@@ -41,7 +43,7 @@ def _by_draft_pos(decisions: pd.DataFrame):
         ["mean", "size"])
     return ("Acceptance by draft position", "draft position", "acceptance rate",
             [go.Bar(x=num(rate.index.to_series()), y=rate["mean"].to_numpy(), name="acceptance by position",
-                    customdata=rate["size"].to_numpy(), marker_color=PALETTE[1],
+                    customdata=rate["size"].to_numpy(), marker_color=PALETTE[1], showlegend=False,
                     hovertemplate="position %{x}: %{y:.2f} of %{customdata}<extra></extra>")])
 
 
@@ -51,7 +53,8 @@ def _rolling(decisions: pd.DataFrame):
     rate = pd.Series(_accepted_flags(decisions)).rolling(ROLLING_WINDOW, min_periods=1).mean().to_numpy()
     x = num(decisions["step"]) if has(decisions, "step") else np.arange(len(decisions))
     return (f"Rolling acceptance rate (last {ROLLING_WINDOW} decisions)", "step", "acceptance rate",
-            [go.Scatter(x=x, y=rate, mode="lines", name="rolling acceptance", line={"color": PALETTE[2]})])
+            [go.Scatter(x=x, y=rate, mode="lines", name="rolling acceptance", line={"color": PALETTE[2]},
+                        showlegend=False)])
 
 
 def _masked_mass(frame: pd.DataFrame):
@@ -60,7 +63,7 @@ def _masked_mass(frame: pd.DataFrame):
     per = frame[frame["masked_mass"].notna()].groupby("step")["masked_mass"].mean()
     return ("Probability mass removed by the grammar mask", "step", "masked mass",
             [go.Scatter(x=num(per.index.to_series()), y=num(per), mode="lines+markers", name="masked mass",
-                        line={"color": PALETTE[3]})])
+                        line={"color": PALETTE[3]}, showlegend=False)])
 
 
 def _model_share(frame: pd.DataFrame):
@@ -90,6 +93,6 @@ def acceptance_figure(frame: pd.DataFrame) -> go.Figure | None:
     for i, (_, x_title, y_title, traces) in enumerate(panels, start=1):
         for trace in traces:
             fig.add_trace(trace, row=i, col=1)
-        fig.update_xaxes(title_text=x_title, row=i, col=1)
-        fig.update_yaxes(title_text=y_title, row=i, col=1)
-    return style(fig, "Acceptance", height=120 + 260 * len(panels))
+        fig.update_xaxes(title_text=x_title, row=i, col=1, dtick=1 if x_title in INTEGER_AXES else None)
+        fig.update_yaxes(title_text=y_title, row=i, col=1, range=[0, 1.05] if y_title in UNIT_AXES else None)
+    return style(fig, "Acceptance", height=120 + 260 * len(panels), legend_right=True)

@@ -158,10 +158,14 @@ def chosen_path(frame: pd.DataFrame) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------------------ layout
 def style(fig: go.Figure, title: str, x_title: str | None = None, y_title: str | None = None,
-          height: int | None = None) -> go.Figure:
-    """Common look: white template, title, axis titles, legend above the plot."""
-    fig.update_layout(template=TEMPLATE, title={"text": title}, height=height, margin={"l": 60, "r": 30, "t": 70, "b": 50},
-                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "left", "x": 0})
+          height: int | None = None, legend_right: bool = False) -> go.Figure:
+    """Common look: white template, title, axis titles, legend above the plot (right of it for figures with
+    subplot titles)."""
+    legend = ({"orientation": "v", "yanchor": "top", "y": 1.0, "xanchor": "left", "x": 1.02} if legend_right else
+              {"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "left", "x": 0})
+    fig.update_layout(template=TEMPLATE, height=height, legend=legend,
+                      margin={"l": 60, "r": 30, "t": 70 if legend_right else 100, "b": 50},
+                      title={"text": title, "y": 0.98, "yanchor": "top", "x": 0.01, "xanchor": "left"})
     if x_title is not None:
         fig.update_xaxes(title_text=x_title)
     if y_title is not None:

@@ -80,11 +80,11 @@ def diverse_beam_figure(frame: pd.DataFrame, meta: dict | None = None) -> go.Fig
     collisions = collisions_per_step(tokens) if has(tokens, "token_id") or has(tokens, "collisions") else None
     if collisions is not None:
         fig.add_trace(go.Bar(x=num(collisions.index.to_series()), y=collisions.to_numpy(), name="collisions",
-                             marker_color="#7f7f7f"), row=2, col=1)
+                             marker_color="#7f7f7f", showlegend=False), row=2, col=1)
     fig.update_yaxes(title_text="penalty (λ·count)", row=1, col=1)
     fig.update_yaxes(title_text="collisions", row=2, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
-    return style(fig, "Diverse beam search: penalty paid and collisions", height=520)
+    return style(fig, "Diverse beam search: penalty paid and collisions", height=520, legend_right=True)
 
 
 # strategy name -> (columns needed on the token rows, builder(frame, meta) -> Figure | None)

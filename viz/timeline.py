@@ -121,9 +121,23 @@ def latency_figure(frame: pd.DataFrame) -> go.Figure | None:
         fig.add_trace(go.Scatter(x=steps, y=tps, mode="lines", name="tokens/s so far", line={"color": "#222222"},
                                  hovertemplate="step %{x}<br>%{y:.1f} tokens/s<extra></extra>"), secondary_y=True)
         fig.update_yaxes(title_text="tokens/s", secondary_y=True, rangemode="tozero", showgrid=False)
+        total = total + other
     fig.update_layout(barmode="stack")
     fig.update_yaxes(title_text="time per step (ms)", secondary_y=False)
+    _clip_first_step(fig, steps, total)
     return style(fig, "Latency per step", "step", None, height=380)
+
+
+def _clip_first_step(fig: go.Figure, steps: np.ndarray, total: np.ndarray) -> None:
+    """When step 0 (prefill, warm-up) dwarfs the others, cut the y axis above the others and write step 0's
+    time on its bar, so the per-step pattern stays visible."""
+    if len(total) < 4:
+        return
+    rest = float(np.max(total[1:]))
+    if rest > 0 and total[0] > 2.0 * rest:
+        fig.update_yaxes(range=[0, 1.25 * rest], secondary_y=False)
+        fig.add_annotation(x=steps[0], y=1.2 * rest, text=f"{total[0]:.1f} ms (prefill) ↑", showarrow=False,
+                           xanchor="left", yref="y")
 
 
 def compare_figure(frames: dict[str, pd.DataFrame], column: str) -> go.Figure:

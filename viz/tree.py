@@ -1,6 +1,6 @@
 """The token tree: what the strategy explored, from the (branch_id, parent_id, step) edges of the trace.
 
-Layout (x = step + 1, the prompt is the root at x = 0; y grows downwards):
+Layout (x = step, the prompt is the root at x = -1; y grows downwards):
 - every branch id gets a lane; a `token` row is a node on its branch's lane, linked to its parent (the latest
   row of branch `parent_id` before this step), so beams that fork or get reordered show as crossing edges;
 - alternatives (`candidate` rows not taken, `prune` and `reject` rows) are small grey nodes in the slots below
@@ -26,12 +26,14 @@ HOVER_COLUMNS = ("logprob", "entropy", "score", "penalty", "group", "model", "ra
 LABEL_CHARS = 8
 VISIBLE_STEPS = 16           # steps shown before panning
 ROW_PX = 26                  # pixels per y unit
+ROOT_X = -1                  # x of the prompt node
 
 
 def token_tree(frame: pd.DataFrame, color_by: str = "logprob", max_alternatives: int | None = None) -> go.Figure:
     """Token tree of a run. color_by: a column of the token rows (numeric -> colour scale, categorical such as
     group / model / draft -> one legend entry per value); falls back to logprob, then to one colour.
-    max_alternatives: alternatives drawn per (step, branch); default 4 for up to 2 branches, else 2."""
+    max_alternatives: candidate rows drawn per (step, branch); default 4 for up to 2 branches, else 2 (prune and
+    reject rows are always drawn)."""
     tokens = sorted_tokens(frame).reset_index(drop=True)
     fig = go.Figure()
     if not len(tokens):
@@ -49,21 +51,23 @@ def token_tree(frame: pd.DataFrame, color_by: str = "logprob", max_alternatives:
     slots = int(alts.groupby(["step", "branch_id"], dropna=False).size().max()) if len(alts) else 0
     spacing = slots + 1
 
-    tx = _ints(tokens, "step") + 1
+    tx = _ints(tokens, "step")
     ty = np.array([lane[b] * spacing for b in _ints(tokens, "branch_id")])
-    ax = _ints(alts, "step") + 1
+    ax = _ints(alts, "step")
     slot = alts.groupby(["step", "branch_id"], dropna=False).cumcount().to_numpy() if len(alts) else np.array([])
     ay = np.array([lane[b] * spacing + s + 1 for b, s in zip(_ints(alts, "branch_id"), slot)])
     alt_parents = [find(p, s) for p, s in zip(alts.get("parent_id", pd.Series(0, index=alts.index)),
                                                  alts["step"])] if len(alts) else []
 
     def xy(pos):  # position of a token node, or the root
-        return (0, 0) if pos < 0 else (tx[pos], ty[pos])
+        return (ROOT_X, 0) if pos < 0 else (tx[pos], ty[pos])
 
     chosen_edges = [(xy(parents[k]), (tx[k], ty[k])) for k in range(len(tokens)) if k in chosen]
     other_edges = [(xy(parents[k]), (tx[k], ty[k])) for k in range(len(tokens)) if k not in chosen]
     alt_edges = [(xy(p), (x, y)) for p, x, y in zip(alt_parents, ax, ay)]
     fig.add_trace(_edges(alt_edges, "alternative edges", MUTED, 1, "dot"))
+    if len(branches) > 2:                     # many lanes: alternative edges only on demand (click the legend)
+        fig.data[-1].visible = "legendonly"
     fig.add_trace(_edges(other_edges, "edges", "#6a8caf", 1.5, "solid"))
     fig.add_trace(_edges(chosen_edges, "chosen path", HIGHLIGHT, 3, "solid"))
     if len(alts):
@@ -73,7 +77,7 @@ def token_tree(frame: pd.DataFrame, color_by: str = "logprob", max_alternatives:
                                  textposition="middle right", textfont={"size": 9, "color": "#999999"},
                                  hovertext=_hover(alts), hoverinfo="text"))
     _add_token_nodes(fig, tokens, tx, ty, chosen, color_by)
-    fig.add_trace(go.Scatter(x=[0], y=[0], mode="markers+text", name="prompt", showlegend=False,
+    fig.add_trace(go.Scatter(x=[ROOT_X], y=[0], mode="markers+text", name="prompt", showlegend=False,
                              marker={"size": 12, "color": "#333333", "symbol": "square"}, text=["prompt"],
                              textposition="middle left", hovertext=["the prompt (root)"], hoverinfo="text"))
 
@@ -82,10 +86,11 @@ def token_tree(frame: pd.DataFrame, color_by: str = "logprob", max_alternatives:
                        "token_nodes": len(tokens), "alternative_nodes": len(alts), "chosen_nodes": len(chosen)}
     y_max = max(ty.max(initial=0), ay.max(initial=0))
     x_max = int(max(tx.max(initial=0), ax.max(initial=0)))
-    height = int(np.clip(140 + ROW_PX * (y_max + 1), 320, 1600))
+    height = int(np.clip(150 + ROW_PX * (y_max + 2), 320, 1600))
     style(fig, "Token tree", "step", None, height=height)
-    fig.update_xaxes(range=[-1, min(x_max, VISIBLE_STEPS) + 1], dtick=1 if x_max <= 60 else 5, zeroline=False)
-    fig.update_yaxes(autorange="reversed", showticklabels=len(branches) > 1, zeroline=False, showgrid=False,
+    fig.update_xaxes(range=[ROOT_X - 1, min(x_max, VISIBLE_STEPS) + 1], dtick=1 if x_max <= 60 else 5,
+                     zeroline=False)
+    fig.update_yaxes(range=[y_max + 0.8, -1.0], showticklabels=len(branches) > 1, zeroline=False, showgrid=False,
                      tickvals=[lane[b] * spacing for b in branches], ticktext=[f"branch {b}" for b in branches])
     fig.update_layout(dragmode="pan", hovermode="closest")
     return fig
@@ -99,8 +104,8 @@ def _ints(df: pd.DataFrame, col: str) -> np.ndarray:
 
 
 def _alternatives(frame: pd.DataFrame, max_alternatives: int | None) -> pd.DataFrame:
-    """Rows drawn as greyed alternatives: candidates not taken, prunes, rejects; at most max_alternatives per
-    (step, branch), best rank first when there is a rank column."""
+    """Rows drawn as greyed alternatives: every prune and reject row, and the candidates not taken, at most
+    max_alternatives of them per (step, branch), best rank first when there is a rank column."""
     alts = rows_of(frame, *ALTERNATIVE_KINDS)
     if not len(alts) or "step" not in alts.columns:
         return alts.iloc[0:0]
@@ -115,7 +120,10 @@ def _alternatives(frame: pd.DataFrame, max_alternatives: int | None) -> pd.DataF
     if max_alternatives is None:
         n_branches = rows_of(frame, "token")["branch_id"].nunique() if has(frame, "branch_id") else 1
         max_alternatives = 4 if n_branches <= 2 else 2
-    keep = alts.groupby(["step", "branch_id"], dropna=False).cumcount() < max_alternatives
+    is_candidate = alts["kind"] == "candidate"
+    rank = alts[is_candidate].groupby(["step", "branch_id"], dropna=False).cumcount()
+    keep = ~is_candidate
+    keep[rank.index] = rank < max_alternatives
     return alts[keep.to_numpy()].reset_index(drop=True)
 
 
@@ -158,7 +166,7 @@ def _add_token_nodes(fig: go.Figure, tokens: pd.DataFrame, tx, ty, chosen: set, 
                "width": [2.5 if k in chosen else 1 for k in range(len(tokens))]}
     labels = [show_token(t, LABEL_CHARS) for t in tokens["token_text"]]
     hover = _hover(tokens)
-    common = {"mode": "markers+text", "textposition": "middle right", "textfont": {"size": 11},
+    common = {"mode": "markers+text", "textposition": "top center", "textfont": {"size": 11},
               "hoverinfo": "text"}
     col = color_by if has(tokens, color_by) else ("logprob" if has(tokens, "logprob") else None)
     categorical = col is not None and (col in CATEGORICAL or not pd.api.types.is_numeric_dtype(tokens[col])
