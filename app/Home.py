@@ -18,5 +18,8 @@ pages = [
     st.Page("pages/export.py", title="Export", icon=":material/download:", url_path="export"),
 ]
 page = st.navigation(pages)
-common.sidebar_status()
-page.run()
+status = common.sidebar_status()
+try:
+    page.run()
+finally:                       # after the page: it may have just collected a finished run (also after st.stop())
+    common.sidebar_count(status)

@@ -475,16 +475,20 @@ def run_section(kind: str) -> None:
         collect()
 
 
-def sidebar_status() -> None:
-    collect_elsewhere = active_batch()
+def sidebar_status():
+    """Decoding status (with a Stop button) in the sidebar; returns a slot for the run count (`sidebar_count`)."""
+    batch = active_batch()
     with st.sidebar:
-        if collect_elsewhere is not None and not collect_elsewhere.done.is_set():
-            b = collect_elsewhere
-            st.info(f"Decoding ({b.kind}): run {b.current + 1} of {len(b.jobs)}")
+        if batch is not None and not batch.done.is_set():
+            st.info(f"Decoding ({batch.kind}): run {batch.current + 1} of {len(batch.jobs)}")
             st.button("Stop", on_click=_stop_clicked, key="stop:sidebar", icon=":material/stop_circle:")
-        n = len(runs())
-        st.caption(f"{n} run{'s' if n != 1 else ''} in this session (kept in this browser tab only; at most "
-                   f"{MAX_HISTORY}).")
+        return st.empty()
+
+
+def sidebar_count(slot) -> None:
+    n = len(runs())
+    slot.caption(f"{n} run{'s' if n != 1 else ''} in this session (kept in this browser tab only; at most "
+                 f"{MAX_HISTORY}).")
 
 
 # ---------------------------------------------------------------------------------------------- rendering
