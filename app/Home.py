@@ -11,15 +11,13 @@ st.set_page_config(page_title="declab", page_icon=":material/science:", layout="
 import common  # noqa: E402  (app/ is on sys.path: Streamlit adds the main script's folder)
 
 pages = [
-    st.Page("pages/run.py", title="Run", icon=":material/play_arrow:", url_path="run", default=True),
-    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
-    st.Page("pages/trace_explorer.py", title="Trace explorer", icon=":material/query_stats:", url_path="explorer"),
-    st.Page("pages/teach.py", title="Teach", icon=":material/school:", url_path="teach"),
-    st.Page("pages/export.py", title="Export", icon=":material/download:", url_path="export"),
+    st.Page("views/run.py", title="Run", icon=":material/play_arrow:", url_path="run", default=True),
+    st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("views/trace_explorer.py", title="Trace explorer", icon=":material/query_stats:", url_path="explorer"),
+    st.Page("views/teach.py", title="Teach", icon=":material/school:", url_path="teach"),
+    st.Page("views/export.py", title="Export", icon=":material/download:", url_path="export"),
 ]
 page = st.navigation(pages)
-status = common.sidebar_status()
-try:
-    page.run()
-finally:                       # after the page: it may have just collected a finished run (also after st.stop())
-    common.sidebar_count(status)
+sidebar = st.sidebar.empty()
+page.run()
+common.sidebar_status(sidebar)   # after the page, which may just have collected a run (pages avoid st.stop())

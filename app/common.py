@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:          # `streamlit run app/Home.py` puts app/ o
 
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
+from streamlit.runtime.scriptrunner_utils.exceptions import StopException  # noqa: E402
 
 import strategies  # noqa: E402,F401  (registers every strategy)
 from declab import trace as tr  # noqa: E402
@@ -450,18 +451,24 @@ def follow(batch: Batch) -> None:
                 if len(batch.jobs) > 1:
                     st.caption(job.label)
                 slots.append((st.empty(), st.empty()))
-    while True:
-        finished = batch.done.is_set()
-        for i, (job, (bar, text)) in enumerate(zip(batch.jobs, slots)):
-            ids = list(job.run.latest)
-            total = job.run.request.max_new_tokens
-            state = "done" if job.run.result is not None or finished else (
-                "decoding" if i == batch.current else "waiting")
-            bar.progress(min(len(ids) / total, 1.0), text=f"{len(ids)} / {total} tokens · {state}")
-            text.code(batch.lm.decode(ids) if ids else " ", language=None, wrap_lines=True)
-        if finished:
-            break
-        time.sleep(POLL_S)
+    try:
+        while True:
+            finished = batch.done.is_set()
+            for i, (job, (bar, text)) in enumerate(zip(batch.jobs, slots)):
+                ids = list(job.run.latest)
+                total = job.run.request.max_new_tokens
+                state = "done" if job.run.result is not None or finished else (
+                    "decoding" if i == batch.current else "waiting")
+                bar.progress(min(len(ids) / total, 1.0), text=f"{len(ids)} / {total} tokens · {state}")
+                text.code(batch.lm.decode(ids) if ids else " ", language=None, wrap_lines=True)
+            if finished:
+                break
+            time.sleep(POLL_S)
+    except StopException:
+        # Streamlit's own toolbar "Stop" ends the script: end the decoding too (a rerun, from a widget or our Stop
+        # button, lets it go on and is followed again on the next run of the page)
+        batch.stop()
+        raise
     collect()
     live.empty()
 
@@ -475,20 +482,17 @@ def run_section(kind: str) -> None:
         collect()
 
 
-def sidebar_status():
-    """Decoding status (with a Stop button) in the sidebar; returns a slot for the run count (`sidebar_count`)."""
+def sidebar_status(slot) -> None:
+    """In the sidebar: a batch decoding while another page is shown (with a Stop button), and the run count."""
     batch = active_batch()
-    with st.sidebar:
-        if batch is not None and not batch.done.is_set():
-            st.info(f"Decoding ({batch.kind}): run {batch.current + 1} of {len(batch.jobs)}")
-            st.button("Stop", on_click=_stop_clicked, key="stop:sidebar", icon=":material/stop_circle:")
-        return st.empty()
-
-
-def sidebar_count(slot) -> None:
     n = len(runs())
-    slot.caption(f"{n} run{'s' if n != 1 else ''} in this session (kept in this browser tab only; at most "
-                 f"{MAX_HISTORY}).")
+    with slot.container():
+        if batch is not None and not batch.done.is_set():
+            st.info(f"Decoding ({batch.kind}): run {batch.current + 1} of {len(batch.jobs)}. Open its page to "
+                    "watch it; it keeps going meanwhile.")
+            st.button("Stop", on_click=_stop_clicked, key="stop:sidebar", icon=":material/stop_circle:")
+        st.caption(f"{n} run{'s' if n != 1 else ''} in this session (kept in this browser tab only; at most "
+                   f"{MAX_HISTORY}).")
 
 
 # ---------------------------------------------------------------------------------------------- rendering

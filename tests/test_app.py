@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / "app" / "Home.py"
-PAGES = ["pages/run.py", "pages/compare.py", "pages/trace_explorer.py", "pages/teach.py", "pages/export.py"]
+PAGES = ["views/run.py", "views/compare.py", "views/trace_explorer.py", "views/teach.py", "views/export.py"]
 TIMEOUT = 60
 
 
@@ -95,6 +95,23 @@ def test_parameter_form_is_generated_from_the_strategy_spec(app):
         assert p["range"] in widget.help
 
 
+def _registered_strategies() -> list[str]:
+    import strategies  # noqa: F401
+    from strategies.base import STRATEGIES
+    return sorted(STRATEGIES)
+
+
+@pytest.mark.parametrize("name", _registered_strategies())
+def test_every_registered_strategy_gets_a_form_and_runs_or_explains(app, name):
+    """New strategies appear with no app change: the form comes from their params(); a default run either
+    produces a chart or (for strategies needing more input, e.g. a grammar or a second model) a clear message."""
+    app.selectbox(key="run:strategy").set_value(name).run()
+    ok(app)
+    app.number_input(key="run:max_new_tokens").set_value(8)
+    run_default(app)
+    assert len(plotly_charts(app)) >= 1 or errors(app) or app.warning
+
+
 def test_sample_run_with_parameters(app):
     app.selectbox(key="run:strategy").set_value("sample").run()
     app.number_input(key="run:sample:temperature").set_value(0.7)
@@ -163,7 +180,7 @@ def test_token_view_escapes_model_text(app):
 
 # ------------------------------------------------------------------------------------------------ Compare
 def test_compare_two_configurations(app):
-    app.switch_page("pages/compare.py").run()
+    app.switch_page("views/compare.py").run()
     ok(app)
     app.number_input(key="cmp:max_new_tokens").set_value(40)
     app.number_input(key="cmp:seed").set_value(4)                       # config 2 (sample) emits <script>
@@ -184,7 +201,7 @@ def test_compare_two_configurations(app):
 
 
 def test_compare_four_configurations_and_a_bad_one(app):
-    app.switch_page("pages/compare.py").run()
+    app.switch_page("views/compare.py").run()
     app.radio(key="cmp:n").set_value(4).run()
     ok(app)
     app.selectbox(key="cmp:3:strategy").set_value("sample").run()
@@ -201,7 +218,7 @@ def test_compare_four_configurations_and_a_bad_one(app):
 
 # ------------------------------------------------------------------------------------------------ Teach
 def test_teach_steps_through_a_run(app):
-    app.switch_page("pages/teach.py").run()
+    app.switch_page("views/teach.py").run()
     ok(app)
     app.button(key="teach:go").click().run()
     ok(app)
@@ -228,7 +245,7 @@ def test_teach_steps_through_a_run(app):
 def test_export_page_lists_every_run_with_downloads(app):
     run_default(app)
     run_default(app)
-    app.switch_page("pages/export.py").run()
+    app.switch_page("views/export.py").run()
     ok(app)
     labels = download_labels(app)
     assert labels.count("CSV trace") == 2 and labels.count("HTML report") == 2
@@ -271,7 +288,7 @@ def test_trace_explorer_renders_an_uploaded_trace(app, fake_lm, tmp_path, fmt):
     path = tmp_path / f"run.{fmt}"
     (tr.write_csv if fmt == "csv" else tr.write_parquet)(frame, path)
     tr.write_json(meta, tmp_path / "run.json")
-    app.switch_page("pages/trace_explorer.py").run()
+    app.switch_page("views/trace_explorer.py").run()
     ok(app)
     app.file_uploader(key="tx:trace").upload(path.name, path.read_bytes())
     app.file_uploader(key="tx:meta").upload("run.json", (tmp_path / "run.json").read_bytes(), "application/json")
@@ -284,7 +301,7 @@ def test_trace_explorer_renders_an_uploaded_trace(app, fake_lm, tmp_path, fmt):
     app.button(key="tx:add").click().run()                               # then Teach / Export can use it
     ok(app)
     assert [r.run_id for r in session_runs(app)] == [meta["run_id"]]
-    app.switch_page("pages/teach.py").run()
+    app.switch_page("views/teach.py").run()
     ok(app)
     assert app.slider(key=f"teach:{meta['run_id']}:step").value == 0
 
@@ -293,7 +310,7 @@ def test_trace_explorer_without_metadata_and_with_bad_files(app, fake_lm, tmp_pa
     from declab import trace as tr
     meta, frame = _fake_run(fake_lm)
     tr.write_csv(frame, tmp_path / "run.csv")
-    app.switch_page("pages/trace_explorer.py").run()
+    app.switch_page("views/trace_explorer.py").run()
     app.file_uploader(key="tx:trace").upload("run.csv", (tmp_path / "run.csv").read_bytes(), "text/csv")
     app.run()
     ok(app)
@@ -312,7 +329,7 @@ def test_trace_explorer_without_metadata_and_with_bad_files(app, fake_lm, tmp_pa
 
 def test_trace_explorer_opens_a_run_of_this_session(app):
     run_default(app)
-    app.switch_page("pages/trace_explorer.py").run()
+    app.switch_page("views/trace_explorer.py").run()
     app.radio(key="tx:source").set_value("A run of this session").run()
     ok(app)
     assert len(plotly_charts(app)) >= 1

@@ -34,20 +34,18 @@ with st.expander("Make a new example run", expanded=not common.runs()):
 
 rec = common.run_picker("Run to step through", key="teach:view",
                         prefer=common.last().get("teach") or (common.runs()[-1].run_id if common.runs() else None))
-if rec is None:
-    st.info("No runs in this session yet: make an example run above (or on the Run page).")
-    st.stop()
 
-frame = rec.frame
-strategy = STRATEGIES.get(str(rec.meta.get("strategy")))
-with st.container(border=True):
-    if strategy is not None:
-        st.markdown(f"#### {strategy.title}")
-        st.write(strategy.explanation or "(no explanation written for this strategy yet)")
-        st.caption(f"Paper: {strategy.paper or 'n/a'} · "
-                   f"{'deterministic' if strategy.deterministic else 'random (reproducible with the seed)'}")
-    else:
-        st.caption("This trace's strategy is not registered in this version of declab.")
+
+def card(strategy) -> None:
+    """The strategy's explanation card, written for a student, citing the paper."""
+    with st.container(border=True):
+        if strategy is not None:
+            st.markdown(f"#### {strategy.title}")
+            st.write(strategy.explanation or "(no explanation written for this strategy yet)")
+            st.caption(f"Paper: {strategy.paper or 'n/a'} · "
+                       f"{'deterministic' if strategy.deterministic else 'random (reproducible with the seed)'}")
+        else:
+            st.caption("This trace's strategy is not registered in this version of declab.")
 
 
 def chips_until(tok: pd.DataFrame, step: int) -> str:
@@ -63,7 +61,7 @@ def chips_until(tok: pd.DataFrame, step: int) -> str:
     return "".join(parts)
 
 
-def why(row, cands: pd.DataFrame) -> str:
+def why(row, cands: pd.DataFrame, strategy) -> str:
     p = math.exp(row["logprob"]) if pd.notna(row["logprob"]) else float("nan")
     chosen = cands[cands["accepted"].fillna(False).astype(bool)]
     top = cands.iloc[0] if not cands.empty else None
@@ -87,7 +85,9 @@ def why(row, cands: pd.DataFrame) -> str:
 
 
 @st.fragment
-def stepper() -> None:
+def stepper(rec) -> None:
+    frame = rec.frame
+    strategy = STRATEGIES.get(str(rec.meta.get("strategy")))
     tok = frame[frame["kind"] == "token"]
     branches = sorted(int(b) for b in tok["branch_id"].dropna().unique())
     branch = None
@@ -106,15 +106,16 @@ def stepper() -> None:
     def move(delta: int) -> None:
         st.session_state[key] = max(0, min(len(steps) - 1, st.session_state[key] + delta))
 
-    c1, c2, c3 = st.columns([1, 10, 1], vertical_alignment="bottom")
-    c1.button("Previous", on_click=move, args=(-1,), key=f"{key}:prev", icon=":material/chevron_left:")
-    c3.button("Next", on_click=move, args=(1,), key=f"{key}:next", icon=":material/chevron_right:")
-    with c2:
-        if len(steps) > 1:
-            idx = st.slider("Step", 0, len(steps) - 1, key=key)
-        else:
-            idx = 0
-            st.caption("Step 0 (the only step)")
+    if len(steps) > 1:
+        idx = st.slider("Step", 0, len(steps) - 1, key=key)
+    else:
+        idx = 0
+        st.caption("Step 0 (the only step)")
+    c1, c2, _ = st.columns([1, 1, 6])
+    c1.button("Previous", on_click=move, args=(-1,), key=f"{key}:prev", icon=":material/chevron_left:",
+              disabled=idx == 0, width="stretch")
+    c2.button("Next", on_click=move, args=(1,), key=f"{key}:next", icon=":material/chevron_right:",
+              disabled=idx == len(steps) - 1, width="stretch")
     step = steps[idx]
     row = tok[tok["step"] == step].iloc[0]
 
@@ -147,7 +148,7 @@ def stepper() -> None:
         st.markdown("**Chosen token**")
         st.code(common.visible(row["token_text"]), language=None)
         st.markdown("**Why**")
-        st.write(why(row, cands))
+        st.write(why(row, cands, strategy))
         extra = {c: row[c] for c in frame.columns if c not in BASE_COLUMNS and pd.notna(row.get(c))}
         if extra or pd.notna(row.get("score")):
             st.markdown("**What the strategy recorded at this step**")
@@ -155,4 +156,8 @@ def stepper() -> None:
             st.dataframe(pd.DataFrame([{k: v for k, v in shown.items() if pd.notna(v)}]), hide_index=True)
 
 
-stepper()
+if rec is None:
+    st.info("No runs in this session yet: make an example run above (or on the Run page).")
+else:
+    card(STRATEGIES.get(str(rec.meta.get("strategy"))))
+    stepper(rec)

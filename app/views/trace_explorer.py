@@ -12,9 +12,9 @@ st.title("Trace explorer")
 st.caption("Open a run exported from declab (Run or Export page, or `declab run --csv/--parquet/--json`). "
            "No model is loaded: everything is drawn from the trace.")
 
-source = st.radio("Source", ["Upload files", "A run of this session"], horizontal=True, key="tx:source")
-rec = None
-if source == "Upload files":
+
+def from_upload():
+    """The uploaded run as a RunRecord, or None after showing why not."""
     c1, c2 = st.columns(2)
     trace_file = c1.file_uploader("Trace (CSV or Parquet)", type=["csv", "parquet"], key="tx:trace")
     meta_file = c2.file_uploader("Metadata (JSON)", type=["json"], key="tx:meta",
@@ -22,7 +22,7 @@ if source == "Upload files":
                                       "exactly. Without it the types are inferred.")
     if trace_file is None:
         st.info("Upload a trace file (and its JSON metadata) to explore it.")
-        st.stop()
+        return None
     try:
         meta = None
         if meta_file is not None:
@@ -35,28 +35,33 @@ if source == "Upload files":
         frame = common.read_uploaded_trace(trace_file.name, trace_file.getvalue(), meta)
     except UserError as e:
         st.error(str(e))
-        st.stop()
-    except Exception as e:
+        return None
+    except Exception as e:  # a malformed file: a message, never a traceback
         st.error(f"Could not read {trace_file.name}: {type(e).__name__}: {e}")
-        st.stop()
+        return None
     if meta_file is None:
         st.warning("No metadata file: column types were inferred and the run's settings are unknown.")
     meta = common.meta_for(frame, meta)
     rec = common.RunRecord(meta=meta, frame=frame, label=f"uploaded {trace_file.name}")
     if common.find_run(rec.run_id) is None:
         if st.button("Add to this session's runs", key="tx:add",
-                     help="So it can be opened in Teach, Compare's tables and Export."):
+                     help="So it can be stepped through in Teach and downloaded from Export."):
             common.add_run(meta, frame, origin=" (uploaded)")
-            st.success("Added.")
+            st.success("Added to this session's runs.")
+    return rec
+
+
+source = st.radio("Source", ["Upload files", "A run of this session"], horizontal=True, key="tx:source")
+if source == "Upload files":
+    rec = from_upload()
 else:
     rec = common.run_picker("Run", key="tx:pick")
     if rec is None:
         st.info("No runs in this session yet; run one on the Run page or upload files.")
-        st.stop()
 
-m = rec.meta
-st.subheader("Run")      # strategy, model, params: shown by show_run as plain text (uploaded files are untrusted)
-if m.get("prompt") is not None:
-    st.caption("Prompt")
-    st.code(str(m.get("prompt")) or " ", language=None, wrap_lines=True)
-common.show_run(rec, key=f"tx:{rec.run_id}", export=False)
+if rec is not None:
+    st.subheader("Run")     # strategy, model and params are shown by show_run as plain text (uploads are untrusted)
+    if rec.meta.get("prompt") is not None:
+        st.caption("Prompt")
+        st.code(str(rec.meta.get("prompt")) or " ", language=None, wrap_lines=True)
+    common.show_run(rec, key=f"tx:{rec.run_id}", export=False)
