@@ -16,20 +16,30 @@ from declab.sampling import entropy_bits
 from strategies.base import Progress, RunContext, RunGen, Sequence
 
 # select(logits [V] float32, step) -> (token_id, score, extra trace columns)
-Selector = Callable[[torch.Tensor, int], tuple[int, float, dict]]
+#   or (token_id, score, extra, candidates): a selector that ranks its own candidate set (momentum, ...) returns
+#   one dict per candidate ({"token_id", "logprob", **columns}); they are written as the `candidate` rows instead
+#   of the model's top alternatives.
+Selector = Callable[[torch.Tensor, int], tuple]
 
 
 def record_token(ctx: RunContext, step: int, token: int, logp: torch.Tensor, score: float, extra: dict,
-                 branch_id: int = 0, parent_id: int = 0, dt_ms: float = 0.0) -> dict:
-    """Write the `token` row and its top-alternative `candidate` rows for one chosen token. logp: [V] log-probs."""
+                 branch_id: int = 0, parent_id: int = 0, dt_ms: float = 0.0, candidates: list[dict] | None = None
+                 ) -> dict:
+    """Write the `token` row and its top-alternative `candidate` rows for one chosen token. logp: [V] log-probs.
+    With `candidates` (dicts with token_id, logprob and extra columns), those are the candidate rows instead."""
     lm, trace = ctx.lm, ctx.trace
     position = len(ctx.prompt_ids) + step
-    n_alt = ctx.num_alternatives
+    n_alt = ctx.num_alternatives if candidates is None else 0
     top = torch.topk(logp, n_alt) if n_alt else None
     entropy = float(entropy_bits(logp))
     row = trace.add("token", step, branch_id=branch_id, parent_id=parent_id, position=position, token_id=token,
                     token_text=lm.token_text(token), logprob=float(logp[token]), entropy=entropy, score=score,
                     accepted=True, dt_ms=dt_ms, **extra)
+    for cand in candidates or ():
+        cols = dict(cand)
+        tid = int(cols.pop("token_id"))
+        trace.add("candidate", step, branch_id=branch_id, parent_id=parent_id, position=position, token_id=tid,
+                  token_text=lm.token_text(tid), entropy=entropy, accepted=(tid == token), **cols)
     if top is not None:
         for rank, (lp, tid) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
             trace.add("candidate", step, branch_id=branch_id, parent_id=parent_id, position=position, token_id=tid,
@@ -46,11 +56,11 @@ def token_loop(ctx: RunContext, select: Selector) -> RunGen:
     for step in range(ctx.max_new_tokens):
         t0 = lm.clock_ms()
         logits = out.logits[0]                                   # [V] float32
-        token, score, extra = select(logits, step)
+        token, score, extra, *candidates = select(logits, step)
         sel_ms = lm.clock_ms() - t0
         logp = torch.log_softmax(logits, -1)                     # [V]
         row = record_token(ctx, step, token, logp, score, dict(extra, fwd_ms=out.fwd_ms, sel_ms=sel_ms),
-                           dt_ms=out.fwd_ms + sel_ms)
+                           dt_ms=out.fwd_ms + sel_ms, candidates=candidates[0] if candidates else None)
         total_logprob += row["logprob"]
         if token in lm.eos_ids:
             break
