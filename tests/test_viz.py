@@ -300,6 +300,20 @@ def test_figures_for_order_and_degrades():
     assert isinstance(viz.figures_for(odd, {}), dict)
 
 
+def test_figures_for_never_fails_on_a_missing_column(caplog):
+    # one frame with every kind of row the figures read (chain + mirostat + grammar, drafts, beams, a switch)
+    rows = (chain_rows(3, strategy="mirostat", mu=5.0, surprise=3.0, masked_mass=0.1) + speculative_rows()
+            + [dict(r, step=r["step"] + 20) for r in beam_rows(2, 2, candidates=1, groups=2)]
+            + [dict(step=1, kind="switch", model="large")])
+    frame = to_frame(rows)
+    meta = {"strategy": "mirostat", "params": {"tau": 3.0}}
+    assert {"Token tree", "Entropy", "Latency", "Acceptance", "Diverse beam"} <= set(viz.figures_for(frame, meta))
+    for col in frame.columns:
+        viz.figures_for(frame.drop(columns=col), meta)
+    viz.figures_for(frame.assign(step=None, token_text=None, logprob=None, branch_id=None), meta)
+    assert not [r for r in caplog.records if r.name == "viz.figures"], caplog.text
+
+
 def test_html_report_self_contained_and_escaped():
     frame = to_frame(chain_rows(4, texts=[" a", EVIL, " b", "\n"]))
     meta = {"run_id": "r1", "strategy": "sample", "model": "m", "status": "ok", "seed": 0, "prompt": "say " + EVIL,

@@ -11,7 +11,6 @@ gets its view whatever its name; add an entry here when a strategy lands (see al
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots

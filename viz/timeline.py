@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from viz.common import (AXIS_TITLES, LN2, PALETTE, chosen_path, esc, has, meta_params, num, rows_of, show_token,
+from viz.common import (AXIS_TITLES, LN2, PALETTE, chosen_path, cells, esc, has, meta_params, num, rows_of, show_token,
                         strategy_of, style)
 
 # Params drawn as horizontal lines on the entropy figure, per strategy: name -> legend label. Values in bits.
@@ -56,7 +56,7 @@ def entropy_figure(frame: pd.DataFrame, meta: dict | None = None) -> go.Figure |
         return None
     fig = go.Figure()
     x = num(path["step"])
-    tokens = [show_token(t) for t in path["token_text"]] if "token_text" in path else None
+    tokens = [show_token(t) for t in cells(path, "token_text")]
     if has(path, "entropy"):
         fig.add_trace(go.Scatter(x=x, y=num(path["entropy"]), mode="lines+markers", name="entropy (bits)",
                                  customdata=tokens, line={"color": PALETTE[0]},
@@ -152,7 +152,7 @@ def compare_figure(frames: dict[str, pd.DataFrame], column: str) -> go.Figure:
         if y is None:
             missing.append(esc(name))
             continue
-        tokens = [show_token(t) for t in path["token_text"]] if "token_text" in path else None
+        tokens = [show_token(t) for t in cells(path, "token_text")]
         fig.add_trace(go.Scatter(x=num(path["step"]), y=y, mode="lines+markers", name=esc(name),
                                  customdata=tokens, line={"color": PALETTE[i % len(PALETTE)]},
                                  hovertemplate=f"{esc(name)}<br>step %{{x}}: %{{customdata}}<br>"

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from viz.common import (AXIS_TITLES, HIGHLIGHT, MUTED, PALETTE, chosen_leaf, esc, fmt, has, parent_finder,
+from viz.common import (AXIS_TITLES, HIGHLIGHT, MUTED, PALETTE, chosen_leaf, cells, esc, fmt, has, parent_finder,
                         path_positions, rows_of, show_token, sorted_tokens, style)
 
 ALTERNATIVE_KINDS = ("candidate", "prune", "reject")
@@ -41,8 +41,7 @@ def token_tree(frame: pd.DataFrame, color_by: str = "logprob", max_alternatives:
         fig.layout.meta = {"nodes": 0, "edges": 0, "token_nodes": 0, "alternative_nodes": 0, "chosen_nodes": 0}
         return style(fig, "Token tree")
     find = parent_finder(tokens)
-    parent_ids = tokens["parent_id"] if "parent_id" in tokens else pd.Series(0, index=tokens.index)
-    parents = [find(p, s) for p, s in zip(parent_ids, tokens["step"])]
+    parents = [find(p, s) for p, s in zip(cells(tokens, "parent_id"), tokens["step"])]
     chosen = set(path_positions(parents, chosen_leaf(tokens, frame)))
 
     alts = _alternatives(frame, max_alternatives)
@@ -56,8 +55,7 @@ def token_tree(frame: pd.DataFrame, color_by: str = "logprob", max_alternatives:
     ax = _ints(alts, "step")
     slot = alts.groupby(["step", "branch_id"], dropna=False).cumcount().to_numpy() if len(alts) else np.array([])
     ay = np.array([lane[b] * spacing + s + 1 for b, s in zip(_ints(alts, "branch_id"), slot)])
-    alt_parents = [find(p, s) for p, s in zip(alts.get("parent_id", pd.Series(0, index=alts.index)),
-                                                 alts["step"])] if len(alts) else []
+    alt_parents = [find(p, s) for p, s in zip(cells(alts, "parent_id"), alts["step"])]
 
     def xy(pos):  # position of a token node, or the root
         return (ROOT_X, 0) if pos < 0 else (tx[pos], ty[pos])
@@ -73,7 +71,7 @@ def token_tree(frame: pd.DataFrame, color_by: str = "logprob", max_alternatives:
     if len(alts):
         fig.add_trace(go.Scatter(x=ax, y=ay, mode="markers+text", name="alternatives", legendgroup="alternatives",
                                  marker={"size": 7, "color": MUTED, "symbol": "circle-open"},
-                                 text=[show_token(t, LABEL_CHARS) for t in alts["token_text"]],
+                                 text=[show_token(t, LABEL_CHARS) for t in cells(alts, "token_text")],
                                  textposition="middle right", textfont={"size": 9, "color": "#999999"},
                                  hovertext=_hover(alts), hoverinfo="text"))
     _add_token_nodes(fig, tokens, tx, ty, chosen, color_by)
@@ -164,7 +162,7 @@ def _add_token_nodes(fig: go.Figure, tokens: pd.DataFrame, tx, ty, chosen: set, 
     """Token nodes: coloured by `color_by`, chosen ones outlined in red, labelled with the escaped text."""
     outline = {"color": [HIGHLIGHT if k in chosen else "white" for k in range(len(tokens))],
                "width": [2.5 if k in chosen else 1 for k in range(len(tokens))]}
-    labels = [show_token(t, LABEL_CHARS) for t in tokens["token_text"]]
+    labels = [show_token(t, LABEL_CHARS) for t in cells(tokens, "token_text")]
     hover = _hover(tokens)
     common = {"mode": "markers+text", "textposition": "top center", "textfont": {"size": 11},
               "hoverinfo": "text"}
