@@ -330,18 +330,24 @@ def test_html_report_self_contained_and_escaped():
     assert "perplexity" in page and "temperature" in page
 
 
-def test_figures_from_a_fake_model_run(fake_registry, tmp_path):
+def test_figures_for_every_registered_strategy_on_the_fake_model(fake_registry, tmp_path):
     from declab.fake import FakeLM
     from declab.runner import Run, RunRequest
-    for strategy in ("greedy", "sample"):
-        result = Run(FakeLM(), RunRequest(model="fake", strategy=strategy, prompt=" the cat", max_new_tokens=20,
+    from strategies.base import STRATEGIES, get_strategy
+    get_strategy("greedy")                                              # registers all
+    assert {"greedy", "sample"} <= set(STRATEGIES)
+    for strategy in STRATEGIES:
+        result = Run(FakeLM(), RunRequest(model="fake", strategy=strategy, prompt=" the cat", max_new_tokens=12,
                                           seed=3)).run_to_end()
         figs = viz.figures_for(result.frame, result.meta)
         assert list(figs)[:3] == ["Token tree", "Entropy", "Latency"], strategy
         tree = figs["Token tree"].layout.meta
-        assert tree["token_nodes"] == int((result.frame["kind"] == "token").sum())
-        assert tree["chosen_nodes"] == tree["token_nodes"]
+        assert tree["token_nodes"] == int((result.frame["kind"] == "token").sum()), strategy
+        # the highlighted path is the strategy's best sequence (a chain also shows its final EOS token)
+        path = [int(t) for t in chosen_path(result.frame)["token_id"]]
+        best = result.meta["sequences"][0]["token_ids"]
+        assert path[:len(best)] == best and len(path) - len(best) in (0, 1), strategy
+        assert tree["chosen_nodes"] == len(path)
         page = viz.html_report(result.meta, result.frame)
         assert "<script>alert" not in page
         (tmp_path / f"{strategy}.html").write_text(page, encoding="utf-8")
-

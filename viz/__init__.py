@@ -13,11 +13,11 @@ No model, no Streamlit, nothing runs at import time. Every text that came from a
 """
 
 from viz.acceptance import acceptance_figure
-from viz.figures import MECHANISM_LABELS, figures_for, tree_color
+from viz.figures import figures_for, mechanism_label, tree_color
 from viz.mechanism import mechanism_figures
 from viz.report import html_report
 from viz.timeline import compare_figure, entropy_figure, latency_figure
 from viz.tree import token_tree
 
 __all__ = ["figures_for", "token_tree", "entropy_figure", "latency_figure", "acceptance_figure", "compare_figure",
-           "mechanism_figures", "html_report", "tree_color", "MECHANISM_LABELS"]
+           "mechanism_figures", "html_report", "tree_color", "mechanism_label"]

@@ -129,15 +129,18 @@ def sorted_tokens(frame: pd.DataFrame) -> pd.DataFrame:
 
 def chosen_leaf(tokens: pd.DataFrame, frame: pd.DataFrame) -> int:
     """Position in `tokens` (sorted by step) of the last token of the chosen sequence, -1 if none.
-    With `finish` rows: the finished branch with the best score. Otherwise the best-scored token row at the last
-    step (the first such row when there are no scores)."""
+    With `finish` rows: the one with final_rank 0 (the strategy's own ranking) or else the best score, whose
+    branch is followed back from its step. Otherwise the best-scored token row at the last step (the first such
+    row when there are no scores)."""
     if not len(tokens):
         return -1
     steps = num(tokens["step"])
     branches = num(tokens["branch_id"]) if "branch_id" in tokens else np.zeros(len(tokens))
     finish = rows_of(frame, "finish")
+    if has(finish, "final_rank", "branch_id"):
+        finish = finish[finish["final_rank"] == finish["final_rank"].min()]
     if len(finish) and has(finish, "score", "branch_id"):
-        best = finish.loc[finish["score"].astype("float64").idxmax()]
+        best = finish.loc[pd.to_numeric(finish["score"], errors="coerce").astype("float64").idxmax()]
         at = [k for k in range(len(tokens)) if branches[k] == float(best["branch_id"])
               and (pd.isna(best.get("step")) or steps[k] <= float(best["step"]))]
         if at:

@@ -16,8 +16,9 @@ from viz.tree import token_tree
 
 log = logging.getLogger(__name__)
 
-# Display labels (the keys of figures_for) of the mechanism views.
-MECHANISM_LABELS = {"mirostat": "Mirostat", "diverse_beam": "Diverse beam"}
+def mechanism_label(strategy: str) -> str:
+    """Display label (key of figures_for) of a strategy's mechanism view: 'diverse_beam' -> 'Diverse beam'."""
+    return strategy.replace("_", " ").capitalize()
 
 
 def tree_color(frame: pd.DataFrame) -> str:
@@ -52,7 +53,7 @@ def figures_for(frame: pd.DataFrame, meta: dict | None = None) -> dict[str, go.F
         if fig is not None:
             out[label] = fig
     for name, build in applicable(frame):
-        label = MECHANISM_LABELS.get(name, name)
+        label = mechanism_label(name)
         fig = _safely(label, lambda: build(frame, meta))
         if fig is not None:
             out[label] = fig

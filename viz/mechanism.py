@@ -2,9 +2,11 @@
 
 MECHANISMS maps a strategy name to (columns the token rows need, builder). A strategy that records those columns
 gets its view whatever its name; add an entry here when a strategy lands (see algorithms.md "Record").
-- mirostat (mu, surprise; optional mu_after, k; tau from the params): mu before/after each step, the observed
-  surprise and its running mean against the target tau, all in bits; k (tokens kept) on the right axis.
-- diverse_beam (group, penalty; optional collisions): the diversity penalty paid per step by each group, and the
+- mirostat (mu, surprise; optional mu_after, surprise_mean, k; tau from the params): mu before/after each step,
+  the observed surprise and its running mean against the target tau, all in bits; k (tokens kept) on the right
+  axis.
+- diverse_beam (group, penalty with 2+ groups; optional collisions): the diversity penalty paid per step by each
+  group, and the
   per-step collisions (chosen tokens also chosen by an earlier group at the same step; computed from token_id
   when there is no collisions column).
 """
@@ -32,7 +34,8 @@ def mirostat_figure(frame: pd.DataFrame, meta: dict | None = None) -> go.Figure 
                                  line={"color": PALETTE[0], "dash": "dot"}))
     if has(path, "surprise"):
         s = num(path["surprise"])
-        running = pd.Series(s).expanding().mean().to_numpy()
+        running = (num(path["surprise_mean"]) if has(path, "surprise_mean")      # the strategy's own running mean
+                   else pd.Series(s).expanding().mean().to_numpy())
         fig.add_trace(go.Scatter(x=x, y=s, mode="markers", name="observed surprise S_t",
                                  marker={"color": PALETTE[1], "size": 6}))
         fig.add_trace(go.Scatter(x=x, y=running, mode="lines", name="running mean of S_t",
@@ -67,7 +70,7 @@ def collisions_per_step(tokens: pd.DataFrame) -> pd.Series:
 def diverse_beam_figure(frame: pd.DataFrame, meta: dict | None = None) -> go.Figure | None:
     """Top: penalty paid per step by each group (sum over the group's token rows). Bottom: collisions per step."""
     tokens = rows_of(frame, "token")
-    if not has(tokens, "group", "penalty", "step"):
+    if not has(tokens, "group", "penalty", "step") or tokens["group"].nunique() < 2:    # plain beam: nothing to show
         return None
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12,
                         subplot_titles=["Diversity penalty paid per group", "Collisions with earlier groups"])

@@ -42,13 +42,15 @@ def _table(items, header: tuple[str, str] | None = None) -> str:
 
 
 def _sequences(meta: dict) -> str:
+    """Each returned sequence, best first: a heading with its score, length and the strategy's scalar extras
+    (loglik, penalty, group...), then the text."""
     parts = []
     for i, seq in enumerate(meta.get("sequences") or []):
-        score = seq.get("score")
-        head = f"#{i + 1}" + (f" · score {_cell(round(score, 4) if isinstance(score, float) else score)}"
-                              if score is not None else "")
-        head += f" · {len(seq.get('token_ids') or [])} tokens"
-        parts.append(f"<h3>{head}</h3><pre>{esc(seq.get('text', ''))}</pre>")
+        facts = [f"{len(seq.get('token_ids') or [])} tokens"]
+        for key, value in seq.items():
+            if key not in ("text", "token_ids") and isinstance(value, (int, float, str, bool)):
+                facts.append(f"{esc(key)} {_cell(round(value, 4) if isinstance(value, float) else value)}")
+        parts.append(f"<h3>#{i + 1} · {' · '.join(facts)}</h3><pre>{esc(seq.get('text', ''))}</pre>")
     return "".join(parts) or "<p>(no sequences)</p>"
 
 
