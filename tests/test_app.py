@@ -154,6 +154,48 @@ def test_prompt_with_no_known_tokens_is_refused(app):
     assert any("no tokens" in e for e in errors(app))
 
 
+def _patch_greedy(monkeypatch, after_steps: int, action):
+    """Make greedy yield `after_steps` steps through the real loop, then call action(ctx)."""
+    from strategies.base import STRATEGIES
+    from strategies.chain import token_loop
+    greedy = STRATEGIES["greedy"]
+
+    def run(ctx, cfg):
+        def select(logits, step):
+            if step == after_steps:
+                action(ctx)
+            token = int(logits.argmax())
+            return token, float(logits.log_softmax(-1)[token]), {}
+        return (yield from token_loop(ctx, select))
+    monkeypatch.setattr(greedy, "run", run, raising=False)
+
+
+def test_a_failing_run_shows_its_error_and_keeps_earlier_runs(app, monkeypatch):
+    run_default(app)
+    first = session_runs(app)[0]
+
+    def oom(ctx):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    _patch_greedy(monkeypatch, 3, oom)
+    run_default(app)
+    assert any("out of memory" in e for e in errors(app)), errors(app)
+    runs = session_runs(app)
+    assert runs[0] is first and len(runs) == 2
+    assert runs[1].status == "failed" and len(runs[1].meta["sequences"][0]["token_ids"]) == 3
+    app.selectbox(key="run:view").set_value(first.run_id).run()        # the earlier run is still there, intact
+    ok(app)
+    assert any(c.value == first.text for c in app.code)
+
+
+def test_a_stopped_run_is_kept_with_what_it_produced(app, monkeypatch):
+    _patch_greedy(monkeypatch, 4, lambda ctx: ctx.stop.set())         # what the Stop button does to the run
+    run_default(app)
+    (rec,) = session_runs(app)
+    assert rec.status == "stopped" and 4 <= len(rec.meta["sequences"][0]["token_ids"]) <= 5
+    assert any("stopped" in w.value for w in app.warning)
+    assert len(plotly_charts(app)) >= 1
+
+
 def test_two_sessions_do_not_share_runs(fake_registry):
     a = AppTest.from_file(str(HOME), default_timeout=TIMEOUT).run()
     b = AppTest.from_file(str(HOME), default_timeout=TIMEOUT).run()
@@ -161,6 +203,33 @@ def test_two_sessions_do_not_share_runs(fake_registry):
     b.run()
     assert len(session_runs(a)) == 1
     assert session_runs(b) == []
+
+
+def test_concurrent_sessions_share_the_model_safely(fake_registry):
+    """Three sessions sampling at once on the one cached model get exactly what each gets alone, and only their own
+    run."""
+    import threading
+
+    def session(seed: int, out: dict) -> None:
+        at = AppTest.from_file(str(HOME), default_timeout=TIMEOUT).run()
+        at.selectbox(key="run:strategy").set_value("sample").run()
+        at.number_input(key="run:seed").set_value(seed)
+        at.number_input(key="run:max_new_tokens").set_value(100)
+        at.button(key="run:go").click().run()
+        out[seed] = ([r.text for r in session_runs(at)], len(at.exception))
+
+    together: dict = {}
+    threads = [threading.Thread(target=session, args=(seed, together)) for seed in (0, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    alone: dict = {}
+    for seed in (0, 2, 3):
+        session(seed, alone)
+    assert together == alone
+    assert all(len(texts) == 1 and texts[0] and n_exc == 0 for texts, n_exc in alone.values())
+    assert len({texts[0] for texts, _ in alone.values()}) == 3
 
 
 def test_token_view_escapes_model_text(app):
