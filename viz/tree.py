@@ -136,26 +136,20 @@ def _edges(pairs, name: str, color: str, width: float, dash: str) -> go.Scatter:
 
 
 def _hover(rows: pd.DataFrame) -> list[str]:
-    """Hover text per row, every part escaped: kind, step, branch, the whole token, then the HOVER_COLUMNS
+    """Hover text per row, every part escaped: the whole token, kind, step, branch, then the HOVER_COLUMNS
     present (logprob also as p)."""
-    out = []
-    cols = [c for c in HOVER_COLUMNS if c in rows.columns]
-    for _, r in rows.iterrows():
-        parts = [f"<b>{show_token(r.get('token_text'))}</b> (id {fmt(r.get('token_id'))})",
-                 f"{esc(r.get('kind'))} · step {fmt(r.get('step'))} · branch {fmt(r.get('branch_id'))}"
-                 f" ← {fmt(r.get('parent_id'))}"]
-        for c in cols:
-            v = r[c]
-            if v is None or (not isinstance(v, str) and pd.isna(v)):
-                continue
+    head = [f"<b>{show_token(t)}</b> (id {fmt(i)})<br>{esc(k)} · step {fmt(s)} · branch {fmt(b)} ← {fmt(p)}"
+            for t, i, k, s, b, p in zip(*(cells(rows, c) for c in ("token_text", "token_id", "kind", "step",
+                                                                      "branch_id", "parent_id")))]
+    for c in HOVER_COLUMNS:
+        if not has(rows, c):
+            continue
+        unit = " bits" if c == "entropy" else ""
+        for k, v in enumerate(rows[c].tolist()):
             text = fmt(v)
-            if c == "logprob":
-                text += f" (p={np.exp(float(v)):.3g})"
-            elif c == "entropy":
-                text += " bits"
-            parts.append(f"{esc(c)}: {text}")
-        out.append("<br>".join(parts))
-    return out
+            if text:
+                head[k] += f"<br>{esc(c)}: {text}{unit}" + (f" (p={np.exp(float(v)):.3g})" if c == "logprob" else "")
+    return head
 
 
 def _add_token_nodes(fig: go.Figure, tokens: pd.DataFrame, tx, ty, chosen: set, color_by: str) -> None:
