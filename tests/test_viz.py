@@ -351,3 +351,15 @@ def test_figures_for_every_registered_strategy_on_the_fake_model(fake_registry, 
         page = viz.html_report(result.meta, result.frame)
         assert "<script>alert" not in page
         (tmp_path / f"{strategy}.html").write_text(page, encoding="utf-8")
+
+
+def test_cli_html_report(fake_registry, tmp_path, capsys):
+    from declab.cli import main
+    out = tmp_path / "run.html"
+    assert main(["run", "--strategy", "greedy", "--prompt", " the cat <script>alert(1)</script>",
+                 "--max-new-tokens", "6", "--html", str(out), "--quiet"]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<h3>Token tree</h3>" in page
+    assert main(["run", "--strategy", "greedy", "--prompt", "x", "--html", str(tmp_path / "no" / "r.html")]) == 2
+    assert "folder does not exist" in capsys.readouterr().err

@@ -10,6 +10,15 @@ No model, no Streamlit, nothing runs at import time. Every text that came from a
     acceptance_figure(frame) -> Figure | None          viz.acceptance
     mechanism_figures(frame, meta) -> {strategy: Figure}   viz.mechanism
     html_report(meta, frame) -> str                    viz.report
+
+Which figure needs what (each is left out, never an error, when its rows or columns are missing):
+- Token tree: `token` rows with step (+ branch_id/parent_id for beams and drafts); candidate/prune/reject rows as
+  greyed alternatives; coloured by group, model or draft when present, else logprob.
+- Entropy: entropy and/or logprob along the chosen sequence; threshold lines from params (mirostat tau, ead
+  tau/threshold, any entropy_threshold); `switch` rows as markers.
+- Latency: any *_ms columns (fwd_ms, sel_ms, mask_ms, draft_ms, verify_ms...), else dt_ms; wall time from t_ms.
+- Acceptance: accept/reject rows (+ round, draft_pos), masked_mass, or token rows from 2+ models.
+- Mechanism views (viz.mechanism.MECHANISMS): mirostat (mu, surprise...), diverse_beam (group, penalty, 2+ groups).
 """
 
 from viz.acceptance import acceptance_figure

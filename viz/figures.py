@@ -16,6 +16,7 @@ from viz.tree import token_tree
 
 log = logging.getLogger(__name__)
 
+
 def mechanism_label(strategy: str) -> str:
     """Display label (key of figures_for) of a strategy's mechanism view: 'diverse_beam' -> 'Diverse beam'."""
     return strategy.replace("_", " ").capitalize()
