@@ -243,3 +243,36 @@ def test_momentum_on_the_embedded_model(real_lm, monkeypatch):
     assert row.overridden and row["rank"] > 0
     top1 = df[(df.kind == "candidate") & (df.step == first) & (df["rank"] == 0)].iloc[0]
     assert top1.token_id == g[first] and top1.repeat_len >= 1
+
+
+# ------------------------------------------------------------------------------------------------ mechanism view
+def test_mechanism_figure_shows_loops_overrides_and_escapes_text():
+    from viz.figures import figures_for
+    from viz.mechanism import applicable
+    from viz.momentum import momentum_figure
+
+    lm = cycle_lm(0.7, 0.2)
+    res = run(lm, prompt=" the", n=12, resistance="ngram_blocking")        # B C A B C E: loops, then an override
+    assert [name for name, _ in applicable(res.frame)] == ["momentum"]
+    fig = momentum_figure(res.frame, res.meta)
+    names = [t.name or "" for t in fig.data]
+    assert any("closes a loop" in n for n in names) and any("repeats an n-gram" in n for n in names)
+    over = next(t for t in fig.data if (t.name or "").startswith("top-1 overridden"))
+    assert list(over.x) == [5] and "(1 of 7 steps)" in over.name and "l = 4" in over.hovertext[0]
+    nodes = next(t for t in fig.data if (t.name or "").startswith("token"))
+    assert len(nodes.x) == 5                                   # B, C, A, E and the traced EOS: distinct nodes
+    assert "Momentum" in figures_for(res.frame, res.meta)
+
+    # hostile token text is escaped in labels and hovers
+    script = FakeLM().vocab.index(" <script>alert(1)</script>")
+    lm = FakeLM(lambda ctx: torch.nn.functional.one_hot(torch.tensor(script), 32).float() * 5)
+    res = run(lm, n=4)
+    fig = momentum_figure(res.frame, res.meta)
+    blob = fig.to_json()
+    assert "<script>" not in blob and "&lt;script&gt;" in blob
+
+
+def test_mechanism_figure_needs_its_columns(fake_lm):
+    from viz.momentum import momentum_figure
+    greedy = run(fake_lm, "greedy", n=5)
+    assert momentum_figure(greedy.frame, greedy.meta) is None

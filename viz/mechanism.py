@@ -19,6 +19,8 @@ from plotly.subplots import make_subplots
 
 from viz.common import PALETTE, chosen_path, fmt, has, meta_params, num, rows_of, style
 from viz.timeline import threshold_lines
+from viz.contrastive_search import contrastive_search_figure
+from viz.momentum import momentum_figure
 
 
 def mirostat_figure(frame: pd.DataFrame, meta: dict | None = None) -> go.Figure | None:
@@ -93,6 +95,8 @@ def diverse_beam_figure(frame: pd.DataFrame, meta: dict | None = None) -> go.Fig
 MECHANISMS = {
     "mirostat": (("mu",), mirostat_figure),
     "diverse_beam": (("group", "penalty"), diverse_beam_figure),
+    "momentum": (("repeat_len", "resistance"), momentum_figure),
+    "contrastive_search": (("degeneration_penalty",), contrastive_search_figure),
 }
 
 
