@@ -1,5 +1,6 @@
 """Beam search: keep the num_beams best partial sequences by cumulative log-probability, token for token as the
-BeamSearchScorer beam search of transformers 4.36-4.56 (one-group case of strategies/diverse_beam.py).
+BeamSearchScorer beam search of transformers 4.36-4.56 (the one-group case of diverse beam search;
+engine in strategies/beams.py, documented in strategies/diverse_beam.py).
 
 No single paper (a classic of speech recognition and MT); semantics from the HF reference (algorithms.md 1.2-1.3).
 Config fields: `num_beams` (B), `length_penalty` (α: finished scores are sum / gen_len**α, prompt excluded),
@@ -16,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from strategies.base import Config, RunContext, RunGen, Strategy, param, register
-from strategies.diverse_beam import (EARLY_STOPPING, EARLY_STOPPING_HELP, MAX_BEAMS, _check_common,
-                                     _early_stopping_value, _normalise_early_stopping, group_beam_search)
+from strategies.beams import (EARLY_STOPPING, EARLY_STOPPING_HELP, MAX_BEAMS, check_common, early_stopping_value,
+                              group_beam_search, normalise_early_stopping)
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,11 @@ class BeamConfig(Config):
     num_return_sequences: int = param(0, lo=0, hi=MAX_BEAMS, help="sequences returned, best first (0 = num_beams)")
 
     def __post_init__(self):
-        _normalise_early_stopping(self)
+        normalise_early_stopping(self)
         super().__post_init__()
 
     def check(self) -> None:
-        _check_common(self.strategy_name(), self.num_beams, self.num_return_sequences)
+        check_common(self.strategy_name(), self.num_beams, self.num_return_sequences)
 
 
 @register
@@ -51,5 +52,5 @@ class Beam(Strategy):
     def run(self, ctx: RunContext, cfg: BeamConfig) -> RunGen:
         return (yield from group_beam_search(
             ctx, num_beams=cfg.num_beams, num_beam_groups=1, diversity_penalty=0.0,
-            length_penalty=cfg.length_penalty, early_stopping=_early_stopping_value(cfg.early_stopping),
+            length_penalty=cfg.length_penalty, early_stopping=early_stopping_value(cfg.early_stopping),
             num_return_sequences=cfg.num_return_sequences or cfg.num_beams))

@@ -1,0 +1,77 @@
+"""Beam and diverse beam search against greedy on the embedded model: time per decoding step, interleaved runs,
+median of repetitions, reported as ratios to greedy measured in the same run.
+
+    .venv/bin/python -m bench.beam [--tokens 32] [--reps 3]
+
+A step is one batched forward over all beams plus the per-group selection and the full trace (every candidate).
+Per run: wall time / steps executed (the prefill of B prompt rows is included, as in a real run), and the medians
+of the forward (`fwd_ms`) and selection (`sel_ms`) parts from the trace. Writes bench/results/beam.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from declab.runner import Run, RunRequest, get_lm, versions
+
+MODEL = "smollm2-135m-instruct"
+PROMPT = "Once upon a time, in a small village,"
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = [("greedy", "greedy", {}),
+           ("beam 4", "beam", {"num_beams": 4}),
+           ("diverse 4 (G=2)", "diverse_beam", {"num_beams": 4, "num_beam_groups": 2, "diversity_penalty": 0.5}),
+           ("beam 8", "beam", {"num_beams": 8}),
+           ("diverse 8 (G=4)", "diverse_beam", {"num_beams": 8, "num_beam_groups": 4, "diversity_penalty": 0.5})]
+
+
+def one(lm, strategy: str, params: dict, tokens: int) -> dict:
+    t0 = time.perf_counter()
+    res = Run(lm, RunRequest(model=MODEL, strategy=strategy, prompt=PROMPT, prompt_format="raw", params=params,
+                             max_new_tokens=tokens)).run_to_end()
+    wall = time.perf_counter() - t0
+    rows = res.frame[res.frame.kind == "token"]
+    steps = int(rows.step.max()) + 1
+    per_step = rows.groupby("step")[["fwd_ms", "sel_ms"]].sum()
+    return {"step_ms": 1000 * wall / steps, "steps": steps, "fwd_ms": float(per_step.fwd_ms.iloc[1:].median()),
+            "sel_ms": float(per_step.sel_ms.iloc[1:].median()), "rows_per_step": len(res.frame) / steps}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    lm = get_lm(MODEL)
+    for _, strategy, params in CONFIGS:                     # warm-up
+        one(lm, strategy, params, 4)
+    samples: dict[str, list[dict]] = {label: [] for label, _, _ in CONFIGS}
+    for _ in range(args.reps):                              # interleaved
+        for label, strategy, params in CONFIGS:
+            samples[label].append(one(lm, strategy, params, args.tokens))
+    table = {}
+    for label, runs in samples.items():
+        table[label] = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
+    base = table["greedy"]["step_ms"]
+    for label, row in table.items():
+        row["vs_greedy"] = round(row["step_ms"] / base, 3)
+    print(f"{'config':18} {'ms/step':>9} {'x greedy':>9} {'fwd ms':>8} {'sel ms':>8} {'steps':>6} {'rows/step':>10}")
+    for label, row in table.items():
+        print(f"{label:18} {row['step_ms']:9.1f} {row['vs_greedy']:9.2f} {row['fwd_ms']:8.1f} {row['sel_ms']:8.2f} "
+              f"{row['steps']:6.0f} {row['rows_per_step']:10.1f}")
+    RESULTS.mkdir(exist_ok=True)
+    out = {"model": MODEL, "prompt": PROMPT, "tokens": args.tokens, "reps": args.reps, "threads": torch.get_num_threads(),
+           "cpu_count": os.cpu_count(), "loadavg_1m": os.getloadavg()[0], "versions": versions(), "table": table}
+    (RESULTS / "beam.json").write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
