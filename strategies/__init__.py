@@ -1,6 +1,6 @@
 """Decoding strategies, one module each; importing this package registers them all (see base.STRATEGIES)."""
 
-from strategies import greedy, sample  # noqa: F401
+from strategies import greedy, sample, mirostat  # noqa: F401
 from strategies import momentum, contrastive_search  # noqa: F401
 from strategies import beam, diverse_beam  # noqa: F401
 from strategies.base import STRATEGIES, get_strategy  # noqa: F401
