@@ -3,7 +3,11 @@
     declab list [--json]
     declab run --model KEY --strategy NAME [--set PARAM=VALUE ...] (--prompt TEXT | --prompt-file FILE)
                [--prompt-format raw|chat] [--max-new-tokens N] [--seed S] [--grammar-file FILE]
-               [--csv PATH] [--parquet PATH] [--json PATH] [--html PATH]
+               [--csv PATH] [--parquet PATH] [--json PATH] [--html PATH] [--store PATH | --no-store]
+    declab runs list|show|export|delete|tag|import ...   the run library (see declab/runs_cli.py)
+
+`declab run` keeps every run (ok, stopped with Ctrl-C, or failed) in the run store (declab/store.py) unless
+--no-store is given.
 
 Bad input exits with status 2 and one line on stderr, before any model is loaded where possible.
 """
@@ -16,6 +20,7 @@ import sys
 from pathlib import Path
 
 from declab.errors import UserError
+from declab.runs_cli import add_runs_parser, add_store_option, cmd_runs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", default=None)
     r.add_argument("--html", default=None, help="standalone HTML report: figures, text, metadata (opens offline)")
     r.add_argument("--quiet", action="store_true", help="do not print the generated text")
+    add_store_option(r)
+    r.add_argument("--no-store", action="store_true", help="do not keep this run in the run store")
+    add_runs_parser(sub)
     return p
 
 
@@ -111,8 +119,10 @@ def cmd_run(args) -> int:
             raise UserError(f"cannot write {path}: folder does not exist")
     lm = get_lm(request.model, registry)
     run = Run(lm, request, registry)
-    result = run.run_to_end()
+    result = run_until_interrupted(run)
     meta = result.meta
+    if not args.no_store:
+        store_run(result, args.store)
     if args.csv:
         tr.write_csv(result.frame, args.csv)
         tr.write_json(meta, str(Path(args.csv).with_suffix("")) + ".meta.json")
@@ -135,12 +145,48 @@ def cmd_run(args) -> int:
     if result.status == "failed":
         print(f"declab: run failed: {result.error}", file=sys.stderr)
         return 1
+    if result.status == "stopped":
+        print("declab: interrupted (the run was stopped; what it produced is kept)", file=sys.stderr)
+        return 130
     return 0
+
+
+def run_until_interrupted(run):
+    """Run to the end. A first Ctrl-C stops the run after the current step, so it is kept (stored, exported) with
+    status 'stopped'; a second Ctrl-C interrupts at once."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return run.run_to_end()
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:                                     # a handler not set from Python: restore the default
+        previous = signal.default_int_handler
+
+    def stop(signum, frame):
+        run.stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, stop)
+    try:
+        return run.run_to_end()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def store_run(result, path) -> None:
+    """Keep the run in the run store; a store that cannot be written costs a warning, never the run's output."""
+    from declab.store import open_store
+    try:
+        open_store(path).save(result, source="cli")
+    except Exception as e:
+        print(f"declab: warning: run not stored in the run store: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "runs":
+            return cmd_runs(args)
         return cmd_list(args) if args.command == "list" else cmd_run(args)
     except UserError as e:
         print(f"declab: error: {e}", file=sys.stderr)

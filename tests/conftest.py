@@ -11,6 +11,15 @@ FAKE_REGISTRY = ROOT / "tests" / "data" / "models-fake.yaml"
 EMBEDDED = "smollm2-135m-instruct"
 
 
+@pytest.fixture(autouse=True)
+def tmp_store(monkeypatch, tmp_path_factory):
+    """Every test keeps runs in its own temporary run store (DECLAB_STORE), never in the user's: `declab run` and
+    the app store every run by default. Subprocesses started by a test inherit it."""
+    path = tmp_path_factory.mktemp("store") / "runs.sqlite"
+    monkeypatch.setenv("DECLAB_STORE", str(path))
+    return path
+
+
 @pytest.fixture
 def fake_registry(monkeypatch):
     """Point the registry at tests/data/models-fake.yaml (default model: the scripted fake)."""
