@@ -102,8 +102,11 @@ class LM:
 
     @staticmethod
     def crop(cache: DynamicCache, length: int) -> DynamicCache:
-        """Drop positions past `length` (rejected draft tokens), in place."""
-        cache.crop(length)
+        """Drop positions past `length` (rejected draft tokens), in place. (transformers 5.x `Cache.crop` takes the
+        number of tokens to remove as a negative int; a positive absolute length raises there.)"""
+        remove = cache.get_seq_length() - length
+        if remove > 0:
+            cache.crop(-remove)
         return cache
 
     # -------------------------------------------------------------------------------------------- text

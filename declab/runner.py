@@ -77,6 +77,8 @@ def validate(request: RunRequest, registry: Registry | None = None) -> tuple[Mod
         raise UserError(f"max new tokens must be an integer in [1, {MAX_NEW_TOKENS}], got {n!r}")
     if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
         raise UserError(f"seed must be an integer in [0, 2^63), got {request.seed!r}")
+    if hasattr(strategy, "check_request"):      # strategy-specific input (a grammar that does not compile...)
+        strategy.check_request(cfg, request)
     return spec, strategy, cfg
 
 
