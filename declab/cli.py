@@ -103,7 +103,7 @@ def parse_sets(items: list[str]) -> dict[str, str]:
 def cmd_run(args) -> int:
     from declab import trace as tr
     from declab.registry import load_registry
-    from declab.runner import Run, RunRequest, get_lm, validate
+    from declab.runner import Run, RunRequest, attach_second_model, get_lm, second_model_key, validate
 
     registry = load_registry()
     prompt = args.prompt if args.prompt is not None else _read_text(args.prompt_file, "prompt file")
@@ -117,7 +117,9 @@ def cmd_run(args) -> int:
     for path in (args.csv, args.parquet, args.json, args.html):
         if path and not Path(path).resolve().parent.is_dir():
             raise UserError(f"cannot write {path}: folder does not exist")
+    second_model_key(request, registry)                     # a needed second model must exist, before loading
     lm = get_lm(request.model, registry)
+    attach_second_model(request, registry)                  # draft / small model of two-model strategies
     run = Run(lm, request, registry)
     result = run_until_interrupted(run)
     meta = result.meta

@@ -43,6 +43,21 @@ def hashed_logits(vocab_size: int, scale: float = 3.0) -> Callable[[list[int]], 
     return fn
 
 
+def drafted_logits(vocab_size: int, noise: float = 1.0) -> Callable[[list[int]], torch.Tensor]:
+    """A fake same-tokenizer "small model": the default script plus a fixed seeded perturbation, so it agrees with
+    the default fake on most (not all) next tokens (two-model strategies: speculative, ead)."""
+    base = hashed_logits(vocab_size)
+    table = torch.randn(vocab_size + 1, vocab_size, generator=torch.Generator().manual_seed(4321))
+
+    def fn(context: list[int]) -> torch.Tensor:
+        b = context[-1] if context else vocab_size
+        return base(context) + noise * table[b]
+    return fn
+
+
+FAKE_SCRIPTS = {"default": hashed_logits, "draft": drafted_logits}    # models.yaml `source: {fake: NAME}`
+
+
 class FakeTokenizer:
     chat_template = "<user>{text}<assistant>"
 
@@ -76,11 +91,11 @@ class FakeLM:
                  hidden_size: int = 16, delay_s: float = 0.0):
         self.vocab = vocab
         self.vocab_size = len(vocab)
-        self.logits_fn = logits_fn or hashed_logits(self.vocab_size)
         self.tokenizer = FakeTokenizer(vocab)
         self.key = key
         self.spec = spec or ModelSpec(key=key, source={"fake": "default"}, chat=False, context_length=512,
                                       description="scripted fake model")
+        self.logits_fn = logits_fn or FAKE_SCRIPTS.get(self.spec.source.get("fake"), hashed_logits)(self.vocab_size)
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.quantization = "none"

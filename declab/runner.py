@@ -141,6 +141,7 @@ class Run:
             s.text = lm.decode(s.token_ids)
         frame = self.trace.frame()
         metrics = summarize(frame)
+        metrics.update(ctx.metrics)                 # what the strategy measured itself (speedup, switches...)
         new_tokens = len(sequences[0].token_ids) if sequences else 0
         metrics.update(new_tokens=new_tokens, tokens_per_s=round(new_tokens / wall_s, 3) if wall_s > 0 else 0.0)
         meta = {
@@ -171,6 +172,33 @@ def strip_eos(ids: list[int], eos_ids) -> list[int]:
             break
         out.append(int(t))
     return out
+
+
+def second_model_key(request: RunRequest, registry: Registry | None = None) -> str | None:
+    """The second model a run needs, or None. Only for strategies whose `needs` holds 'second_model': the model
+    the strategy's config names (`Strategy.named_second_model(cfg)`: a key, '' for "the paired one", None for "no
+    second model with this config"), else extras['second_model'], else the model's first `pairs` entry."""
+    registry = registry or load_registry()
+    spec, strategy, cfg = validate(request, registry)
+    if "second_model" not in (getattr(strategy, "needs", None) or ()):
+        return None
+    named = strategy.named_second_model(cfg) if hasattr(strategy, "named_second_model") else ""
+    if named is None:
+        return None
+    key = named or request.extras.get("second_model") or (spec.pairs[0] if spec.pairs else None)
+    if not key:
+        raise UserError(f"strategy '{strategy.name}' needs a second model and model '{spec.key}' lists none under "
+                        f"`pairs` in models.yaml")
+    registry.get(key)                                       # unknown key: a one-line error
+    return key
+
+
+def attach_second_model(request: RunRequest, registry: Registry | None = None) -> None:
+    """CLI / bench: load the second model a run needs (see `second_model_key`) into request.extras as
+    'second_model' (key) and 'second_lm' (the LM), as the app does."""
+    key = second_model_key(request, registry)
+    if key is not None and (request.extras.get("second_lm") is None or request.extras.get("second_model") != key):
+        request.extras = dict(request.extras, second_model=key, second_lm=get_lm(key, registry))
 
 
 _LM_CACHE: dict[str, object] = {}

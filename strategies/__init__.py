@@ -1,7 +1,10 @@
-"""Decoding strategies, one module each; importing this package registers them all (see base.STRATEGIES)."""
+"""(Helper agents: read /work/main/HELPERS.md first: shared-tree rules, no `make test`.)
+
+Decoding strategies, one module each; importing this package registers them all (see base.STRATEGIES)."""
 
 from strategies import greedy, sample, mirostat  # noqa: F401
 from strategies import momentum, contrastive_search  # noqa: F401
 from strategies import beam, diverse_beam  # noqa: F401
+from strategies import ead, speculative  # noqa: F401
 from strategies import gcd, asap  # noqa: F401
 from strategies.base import STRATEGIES, get_strategy  # noqa: F401

@@ -138,6 +138,7 @@ class RunContext:
     stop: threading.Event = field(default_factory=threading.Event)
     num_alternatives: int = 5        # top alternatives recorded per token as `candidate` rows
     extras: dict = field(default_factory=dict)   # grammar text, lame prompt, second model ...
+    metrics: dict = field(default_factory=dict)  # strategy-measured run metrics, merged into the run's metrics
 
 
 RunGen = Generator[Progress, None, list[Sequence]]

@@ -1,0 +1,523 @@
+"""The embedded draft model: a small, fast sibling of SmolLM2-135M-Instruct for speculative decoding and EAD.
+
+The embedded default has no smaller same-tokenizer model on the machine, so we make one (Kangaroo-style
+self-drafting, Liu et al. 2024, arXiv 2404.18911, with DistillSpec-style training, Zhou et al. 2023,
+arXiv 2310.08461):
+
+    draft(x) = lm_head(norm_d(adapter(layers_target[0:E](embed(x)))))
+
+* `layers_target[0:E]`: the target's first E decoder layers, frozen, taken from the target's weights at load time
+  (not stored);
+* `adapter`: A decoder layers of the same shape (initialised from target layers E..E+A-1) and the final norm
+  `norm_d`, the only trained weights; stored in the repository in float16 (`declab/drafts/<key>.safetensors`,
+  with the build recipe and measured numbers in its metadata);
+* `embed` / `lm_head`: the target's tied embedding, frozen and shared, so draft and target share the tokenizer
+  and the logits width V.
+
+It is a plain `LlamaForCausalLM` with E + A layers, so the LM wrapper (KV cache, crop, all_logits...) works
+unchanged. Untrained sub-networks of this model agree with the target on <= 6% of greedy tokens (early exit after
+6-15 layers, layer skipping), so the adapter is trained by distillation:
+
+1. prompts (declab/draft_data.py): chat prompts from templates x topics plus standalone prompts; held-out prompts
+   use a disjoint topic list;
+2. the target answers every prompt (batched `generate`, greedy and sampled at temperature 0.8);
+3. one teacher-forced target forward per sequence gives the features entering layer E (`hidden_states[E]`) and the
+   target's top-K next-token log-probs at every answer position;
+4. the adapter is trained on the precomputed features (the frozen layers never run again) to minimise the forward
+   KL(p_target || q_draft) over the target's top-K tokens (renormalised), answer positions only;
+5. evaluation: teacher-forced top-1 agreement with the target on the held-out prompts' greedy answers, and the
+   per-token cost ratio draft / target measured in one process (interleaved, batch 1, KV cache, median).
+
+    python -m declab.draft build [--work DIR] [--out PATH]     # all stages, each cached in DIR
+    python -m declab.draft eval  [--weights PATH]              # agreement and cost ratio of a stored draft
+
+Loading: models.yaml source `{draft: PATH, base: KEY}` (declab/loading.py calls `build_draft_model`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WEIGHTS = ROOT / "declab" / "drafts" / "smollm2-135m-draft.safetensors"
+BASE_KEY = "smollm2-135m-instruct"
+
+# build recipe (defaults; the stored file's metadata records what was used)
+NUM_FROZEN = 4            # E: target layers reused as they are
+NUM_ADAPTER = 2           # A: trained decoder layers
+TOP_K = 64                # teacher log-probs kept per position
+MAX_NEW = 160             # answer length generated per prompt
+GEN_BATCH = 24
+SAMPLE_TEMPERATURE = 0.8
+
+
+def _threads(n: int | None = None) -> None:
+    torch.set_num_threads(int(n or os.environ.get("DECLAB_DRAFT_THREADS", "1")))
+
+
+def base_folder(key: str = BASE_KEY) -> Path:
+    from declab.loading import embedded_folder
+    from declab.registry import load_registry
+    return embedded_folder(load_registry().get(key))
+
+
+def load_base(key: str = BASE_KEY):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = base_folder(key)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    return model, tok
+
+
+def chat_ids(tok, prompt: str) -> list[int]:
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
+                                  return_dict=False)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+# ------------------------------------------------------------------------------------------- stage 2: answers
+def generate_answers(model, tok, prompts: list[str], sample: bool, seed: int, batch: int = GEN_BATCH,
+                     max_new: int = MAX_NEW, log=print) -> list[dict]:
+    """The target's answers, batched with left padding. Returns [{'prompt_ids', 'answer_ids', 'sampled'}]."""
+    out = []
+    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+              else [model.generation_config.eos_token_id])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 2
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    for b in range(0, len(prompts), batch):
+        enc = [chat_ids(tok, p) for p in prompts[b:b + batch]]
+        width = max(len(e) for e in enc)
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=sample,
+                                 temperature=SAMPLE_TEMPERATURE if sample else None, top_p=None, top_k=None,
+                                 pad_token_id=pad)
+        for e, row in zip(enc, gen[:, width:].tolist()):
+            answer = []
+            for t in row:
+                answer.append(t)
+                if t in eos:
+                    break
+            out.append({"prompt_ids": e, "answer_ids": answer, "sampled": sample})
+        log(f"  generated {min(b + batch, len(prompts))}/{len(prompts)} ({'sampled' if sample else 'greedy'}) "
+            f"{time.perf_counter() - t0:.0f}s")
+    return out
+
+
+def stage_answers(work: Path, log=print) -> dict:
+    """Answers for train/held-out prompts, greedy and sampled; each part cached as its own JSON file."""
+    from declab.draft_data import build_prompts
+    train, held = build_prompts()
+    parts = (("held_out", "greedy", held, 1), ("train", "greedy", train, 2), ("train", "sampled", train, 3),
+             ("held_out", "sampled", held, 4))
+    data: dict = {"train": [], "held_out": []}
+    model = tok = None
+    for split, mode, prompts, seed in parts:
+        path = work / f"answers-{split}-{mode}.json"
+        if not path.exists():
+            if model is None:
+                model, tok = load_base()
+            rows = generate_answers(model, tok, prompts, sample=mode == "sampled", seed=seed, log=log)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rows))
+            tmp.rename(path)
+        data[split] += json.loads(path.read_text())
+    return data
+
+
+# ------------------------------------------------------------------------------------------ stage 3: features
+def stage_features(work: Path, data: dict, frozen: tuple[int, ...] = (NUM_FROZEN,), top_k: int = TOP_K,
+                   batch: int = 8, log=print) -> dict:
+    """Teacher-forced target forward over every (prompt + answer): the states entering layer E (for each E in
+    `frozen`, float16 [T, H]) and the target's top-K next-token log-probs at the answer positions (the position
+    before each answer token). Cached per split as a torch file."""
+    out = {}
+    model = None
+    for split in ("train", "held_out"):
+        path = work / f"features-{split}-{'-'.join(map(str, frozen))}-k{top_k}.pt"
+        if path.exists():
+            out[split] = torch.load(path)
+            continue
+        if model is None:
+            model, _ = load_base()
+        rows = data[split]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_ids"]) + len(rows[i]["answer_ids"]))
+        seqs: list[dict | None] = [None] * len(rows)
+        t0 = time.perf_counter()
+        for b in range(0, len(order), batch):
+            idx = order[b:b + batch]
+            ids_list = [rows[i]["prompt_ids"] + rows[i]["answer_ids"] for i in idx]
+            width = max(len(x) for x in ids_list)
+            ids = torch.tensor([x + [0] * (width - len(x)) for x in ids_list])
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids_list])
+            with torch.inference_mode():
+                o = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+            logp = o.logits.float().log_softmax(-1)                                   # [B, W, V]
+            for j, i in enumerate(idx):
+                n_p, n_a = len(rows[i]["prompt_ids"]), len(rows[i]["answer_ids"])
+                L = n_p + n_a
+                top = logp[j, n_p - 1: L - 1].topk(top_k, dim=-1)                     # [n_a, K]
+                seqs[i] = {"ids": torch.tensor(ids_list[j]), "n_prompt": n_p,
+                           "feats": {e: o.hidden_states[e][j, :L].to(torch.float16).clone() for e in frozen},
+                           "top_idx": top.indices.to(torch.int32), "top_logp": top.values.to(torch.float16),
+                           "sampled": rows[i]["sampled"]}
+            log(f"  features {split} {min(b + batch, len(order))}/{len(order)} {time.perf_counter() - t0:.0f}s")
+        torch.save(seqs, path)
+        out[split] = seqs
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- stage 4: train
+def adapter_config(base_config, num_layers: int):
+    import copy
+    cfg = copy.deepcopy(base_config)
+    cfg.num_hidden_layers = num_layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = list(cfg.layer_types)[:num_layers]
+    return cfg
+
+
+class Adapter(torch.nn.Module):
+    """A decoder layers + final norm over features entering layer E (training view of the draft's top part)."""
+
+    def __init__(self, base_model, frozen: int, num_layers: int, init: str = "next"):
+        super().__init__()
+        from transformers import LlamaModel
+        cfg = adapter_config(base_model.config, num_layers)
+        cfg.vocab_size = 8                                          # the embedding is never used here
+        self.body = LlamaModel(cfg)
+        layers = base_model.model.layers
+        src = list(range(frozen, frozen + num_layers)) if init == "next" else \
+            list(range(len(layers) - num_layers, len(layers)))
+        for dst, s in enumerate(src):
+            self.body.layers[dst].load_state_dict(layers[s].state_dict())
+        self.body.norm.load_state_dict(base_model.model.norm.state_dict())
+        self.source_layers = src
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.body(inputs_embeds=feats, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def _batches(seqs: list[dict], max_tokens: int, rng: torch.Generator) -> list[list[int]]:
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]["ids"]))
+    out, cur, width = [], [], 0
+    for i in order:
+        n = len(seqs[i]["ids"])
+        if cur and max(width, n) * (len(cur) + 1) > max_tokens:
+            out.append(cur)
+            cur, width = [], 0
+        cur.append(i)
+        width = max(width, n)
+    if cur:
+        out.append(cur)
+    perm = torch.randperm(len(out), generator=rng).tolist()
+    return [out[p] for p in perm]
+
+
+def _collate(seqs: list[dict], idx: list[int], frozen: int):
+    width = max(len(seqs[i]["ids"]) for i in idx)
+    H = seqs[idx[0]]["feats"][frozen].shape[-1]
+    feats = torch.zeros(len(idx), width, H)
+    mask = torch.zeros(len(idx), width, dtype=torch.long)
+    pos, tidx, tlogp = [], [], []
+    for j, i in enumerate(idx):
+        s = seqs[i]
+        L = len(s["ids"])
+        feats[j, :L] = s["feats"][frozen].float()
+        mask[j, :L] = 1
+        n_p = s["n_prompt"]
+        pos.append(torch.stack([torch.full((L - n_p,), j), torch.arange(n_p - 1, L - 1)], 1))
+        tidx.append(s["top_idx"].long())
+        tlogp.append(s["top_logp"].float())
+    return feats, mask, torch.cat(pos), torch.cat(tidx), torch.cat(tlogp)
+
+
+def distill_loss(hidden: torch.Tensor, head: torch.Tensor, pos: torch.Tensor, tidx: torch.Tensor,
+                 tlogp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward KL over the teacher's top-K (renormalised): sum_k p_k (log p_k - log q_k), mean over positions.
+    Also returns the top-1 agreement count (student argmax == teacher argmax)."""
+    h = hidden[pos[:, 0], pos[:, 1]]                                     # [N, H]
+    logq = (h @ head.T).log_softmax(-1)                                  # [N, V]
+    p = tlogp.softmax(-1)                                                # [N, K] renormalised teacher
+    kl = (p * (p.clamp_min(1e-12).log() - logq.gather(1, tidx))).sum(-1).mean()
+    agree = (logq.argmax(-1) == tidx[:, 0]).sum()
+    return kl, agree
+
+
+def evaluate_adapter(adapter: Adapter, head: torch.Tensor, seqs: list[dict], frozen: int,
+                     only_greedy: bool = True) -> dict:
+    adapter.eval()
+    n = agree = 0
+    kl_sum = 0.0
+    with torch.inference_mode():
+        for i, s in enumerate(seqs):
+            if only_greedy and s["sampled"]:
+                continue
+            feats, mask, pos, tidx, tlogp = _collate(seqs, [i], frozen)
+            kl, a = distill_loss(adapter(feats, mask), head, pos, tidx, tlogp)
+            n += len(pos)
+            agree += int(a)
+            kl_sum += float(kl) * len(pos)
+    adapter.train()
+    return {"top1_agreement": agree / max(n, 1), "kl": kl_sum / max(n, 1), "positions": n}
+
+
+def train_adapter(base_model, feats: dict, frozen: int = NUM_FROZEN, num_layers: int = NUM_ADAPTER,
+                  init: str = "next", epochs: float = 3.0, lr: float = 3e-4, max_tokens: int = 2048,
+                  seed: int = 0, eval_every: int = 100, time_limit_s: float | None = None,
+                  log=print) -> tuple[Adapter, dict]:
+    """AdamW with linear warm-up and cosine decay; only the adapter's layers and norm are trained."""
+    torch.manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
+    adapter = Adapter(base_model, frozen, num_layers, init)
+    adapter.train()
+    head = base_model.lm_head.weight.detach()                            # [V, H] frozen, shared
+    train, held = feats["train"], feats["held_out"]
+    per_epoch = len(_batches(train, max_tokens, rng))
+    total = max(1, int(per_epoch * epochs))
+    opt = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warm = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    history = [{"step": 0, **evaluate_adapter(adapter, head, held, frozen)}]
+    log(f"  step 0/{total} held-out {history[-1]}")
+    step, t0, seen = 0, time.perf_counter(), 0
+    while step < total:
+        for idx in _batches(train, max_tokens, rng):
+            if step >= total:
+                break
+            f, m, pos, tidx, tlogp = _collate(train, idx, frozen)
+            kl, agree = distill_loss(adapter(f, m), head, pos, tidx, tlogp)
+            opt.zero_grad(set_to_none=True)
+            kl.backward()
+            torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            seen += len(pos)
+            if step % 10 == 0:
+                el = time.perf_counter() - t0
+                log(f"  step {step}/{total} kl {float(kl):.3f} train-agree {int(agree) / len(pos):.3f} "
+                    f"{seen / el:.0f} pos/s {el:.0f}s")
+            if step % eval_every == 0 or step == total:
+                history.append({"step": step, **evaluate_adapter(adapter, head, held, frozen)})
+                log(f"  step {step}/{total} held-out {history[-1]}")
+            if time_limit_s and time.perf_counter() - t0 > time_limit_s:
+                total = step
+                break
+    if history[-1]["step"] != step:
+        history.append({"step": step, **evaluate_adapter(adapter, head, held, frozen)})
+    return adapter, {"frozen": frozen, "adapter_layers": num_layers, "init": init, "source_layers":
+                     adapter.source_layers, "epochs": epochs, "steps": step, "lr": lr, "max_tokens": max_tokens,
+                     "train_s": round(time.perf_counter() - t0, 1), "history": history}
+
+
+# ------------------------------------------------------------------------------------ stage 5: save and load
+def save_draft(adapter: Adapter, info: dict, path: Path) -> None:
+    """The adapter's layers (as draft layers E..E+A-1) and final norm in float16, recipe + numbers as metadata."""
+    from safetensors.torch import save_file
+    E = info["frozen"]
+    tensors = {}
+    for name, t in adapter.body.state_dict().items():
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            tensors[f"model.layers.{E + int(i)}.{rest}"] = t.detach().to(torch.float16).contiguous()
+        elif name.startswith("norm."):
+            tensors[f"model.{name}"] = t.detach().to(torch.float16).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "pt", "declab_draft": json.dumps(info)})
+
+
+def read_draft_info(path: Path) -> dict:
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["declab_draft"])
+
+
+def build_draft_model(base_model, weights: Path):
+    """Turn a loaded target model into the draft, in place: keep its first E layers, append the stored adapter
+    layers, load the trained final norm. Embedding and (tied) LM head stay the target's. Returns (model, info)."""
+    from safetensors.torch import load_file
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    info = read_draft_info(weights)
+    E, A = int(info["frozen"]), int(info["adapter_layers"])
+    state = load_file(str(weights))
+    cfg = base_model.config
+    layers = list(base_model.model.layers[:E])
+    cfg.num_hidden_layers = E + A
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = list(cfg.layer_types)[:E + A]
+    dtype = base_model.model.embed_tokens.weight.dtype
+    device = base_model.model.embed_tokens.weight.device
+    for i in range(E, E + A):
+        layer = LlamaDecoderLayer(cfg, layer_idx=i)
+        prefix = f"model.layers.{i}."
+        layer.load_state_dict({k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)})
+        layers.append(layer.to(device=device, dtype=dtype))
+    base_model.model.layers = torch.nn.ModuleList(layers)
+    base_model.model.norm.weight.data.copy_(state["model.norm.weight"].to(dtype))
+    return base_model.eval(), info
+
+
+def weights_path(source: dict) -> Path:
+    p = Path(source["draft"])
+    return p if p.is_absolute() else ROOT / p
+
+
+def load_draft_lm(spec):
+    """models.yaml source {draft: PATH, base: KEY} -> (LM, load info), for declab.loading.load_lm."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from declab.errors import UserError
+    from declab.lm import LM
+    from declab.loading import embedded_folder, resolve_device, resolve_dtype
+    from declab.registry import load_registry
+    t0 = time.perf_counter()
+    weights = weights_path(spec.source)
+    if not weights.exists():
+        raise UserError(f"model '{spec.key}': draft weights {weights} not found (python -m declab.draft build)")
+    base = load_registry().models.get(spec.source["base"])
+    if base is None:
+        from declab.registry import DEFAULT_PATH
+        base = load_registry(DEFAULT_PATH).get(spec.source["base"])
+    if "package" in base.source:
+        folder = embedded_folder(base)
+    elif "path" in base.source:
+        folder = Path(base.source["path"])
+    else:
+        raise UserError(f"model '{spec.key}': the draft's base '{base.key}' must be a local (package or path) model")
+    device = resolve_device(spec)
+    dtype = resolve_dtype(spec, device)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model, _info = build_draft_model(model, weights)
+    model = model.to(device)
+    lm = LM(model, tokenizer, spec, device=device, dtype=dtype, quantization="none")
+    return lm, {"load_s": time.perf_counter() - t0, "source": spec.source_text, "cached": True}
+
+
+# ------------------------------------------------------------------------------------------- stage 6: evaluate
+def agreement(target, draft, seqs: list[dict], temperature: float = 1.0) -> dict:
+    """Teacher-forced over each (prompt + answer), at the answer positions: top-1 agreement (draft argmax ==
+    target argmax) and the expected speculative-sampling acceptance E[sum_v min(p(v), q(v))] at `temperature`."""
+    n = agree = 0
+    beta = 0.0
+    with torch.inference_mode():
+        for s in seqs:
+            ids = torch.as_tensor(s["prompt_ids"] + s["answer_ids"])[None]
+            n_p = len(s["prompt_ids"])
+            lp = target(input_ids=ids).logits[0, n_p - 1: -1].float()               # [n_a, V]
+            lq = draft(input_ids=ids).logits[0, n_p - 1: -1].float()
+            agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+            beta += float(torch.minimum((lp / temperature).softmax(-1), (lq / temperature).softmax(-1)).sum())
+            n += lp.shape[0]
+    return {"top1_agreement": round(agree / max(n, 1), 4), "expected_acceptance": round(beta / max(n, 1), 4),
+            "positions": n}
+
+
+def cost_ratio(target, draft, new_tokens: int = 32, reps: int = 7) -> dict:
+    """Median ms per decoded token at batch 1 with KV cache (argmax feedback), target and draft interleaved in one
+    process; the ratio draft / target is the `c` of the speculative-decoding speedup formula."""
+    from transformers import DynamicCache
+    prompt = torch.arange(100, 140)[None]
+
+    def per_token(model) -> float:
+        with torch.inference_mode():
+            cache = DynamicCache(config=model.config)
+            out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            t = out.logits[:, -1].argmax(-1, keepdim=True)
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=t, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                t = out.logits[:, -1].argmax(-1, keepdim=True)
+            return (time.perf_counter() - t0) * 1000 / new_tokens
+
+    times = {"target": [], "draft": []}
+    for _ in range(reps):
+        times["target"].append(per_token(target))
+        times["draft"].append(per_token(draft))
+    t_ms, d_ms = statistics.median(times["target"]), statistics.median(times["draft"])
+    return {"target_ms_per_token": round(t_ms, 2), "draft_ms_per_token": round(d_ms, 2),
+            "cost_ratio": round(d_ms / t_ms, 4), "threads": torch.get_num_threads()}
+
+
+def evaluate_draft(weights: Path = DEFAULT_WEIGHTS, work: Path | None = None, timing: bool = True) -> dict:
+    from declab.draft_data import build_prompts
+    target, tok = load_base()
+    draft, info = build_draft_model(load_base()[0], weights)
+    result = {"recipe": {k: v for k, v in info.items() if k != "history"}}
+    answers = None
+    if work is not None and (work / "answers-held_out-greedy.json").exists():
+        answers = {m: json.loads((work / f"answers-held_out-{m}.json").read_text()) for m in ("greedy", "sampled")}
+    if answers is None:
+        held = build_prompts()[1]
+        answers = {"greedy": generate_answers(target, tok, held, sample=False, seed=1, log=lambda *a: None)}
+    result["held_out_greedy"] = agreement(target, draft, answers["greedy"])
+    if "sampled" in answers:
+        result["held_out_sampled"] = agreement(target, draft, answers["sampled"])
+    if timing:
+        result["cost"] = cost_ratio(target, draft)
+    return result
+
+
+def build(work: Path, out: Path, frozen: int = NUM_FROZEN, num_layers: int = NUM_ADAPTER, init: str = "next",
+          epochs: float = 3.0, lr: float = 3e-4, time_limit_s: float | None = None, log=print) -> dict:
+    t0 = time.perf_counter()
+    data = stage_answers(work, log=log)
+    feats = stage_features(work, data, frozen=(frozen,), log=log)
+    base, _ = load_base()
+    adapter, info = train_adapter(base, feats, frozen=frozen, num_layers=num_layers, init=init, epochs=epochs, lr=lr,
+                                  time_limit_s=time_limit_s, log=log)
+    info.update(base=BASE_KEY, top_k=TOP_K, max_new=MAX_NEW, sample_temperature=SAMPLE_TEMPERATURE,
+                train_sequences=len(data["train"]), held_out_sequences=len(data["held_out"]),
+                build_s=round(time.perf_counter() - t0, 1))
+    save_draft(adapter, info, out)
+    log(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m declab.draft", description=__doc__.splitlines()[0])
+    ap.add_argument("command", choices=["answers", "features", "build", "eval"])
+    ap.add_argument("--work", default=None, help="cache folder for the build stages (default: <declab cache>/draft-build)")
+    ap.add_argument("--out", default=str(DEFAULT_WEIGHTS), help="where build writes the draft weights")
+    ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="the draft weights eval reads")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default $DECLAB_DRAFT_THREADS or 1)")
+    ap.add_argument("--frozen", type=int, default=NUM_FROZEN)
+    ap.add_argument("--adapter-layers", type=int, default=NUM_ADAPTER)
+    ap.add_argument("--init", choices=["next", "last"], default="next")
+    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
+    ap.add_argument("--no-timing", action="store_true")
+    args = ap.parse_args(argv)
+    _threads(args.threads)
+    from declab.loading import cache_root
+    work = Path(args.work or cache_root() / "draft-build")
+    work.mkdir(parents=True, exist_ok=True)
+    if args.command == "answers":
+        stage_answers(work)
+    elif args.command == "features":
+        stage_features(work, stage_answers(work), frozen=(args.frozen,))
+    elif args.command == "build":
+        build(work, Path(args.out), frozen=args.frozen, num_layers=args.adapter_layers, init=args.init,
+              epochs=args.epochs, lr=args.lr, time_limit_s=args.time_limit)
+    else:
+        print(json.dumps(evaluate_draft(Path(args.weights), work, timing=not args.no_timing), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

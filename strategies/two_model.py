@@ -1,0 +1,215 @@
+"""Shared pieces of the two-model strategies (ead, speculative): the second model, per-model KV caches that catch
+up on tokens they missed, the speculative acceptance test, and the metrics both report.
+
+Second model. The app puts `second_model` (a key from the model's models.yaml `pairs`) and `second_lm` (the loaded
+LM) into `RunRequest.extras`; the CLI does the same through `declab.runner.attach_second_model`. A strategy may
+also name a model key in its own parameters (speculative `draft`, ead `small`); `second_lm` resolves all of this
+and checks that both models share the tokenizer (same logits width, same token texts).
+
+Caches. Each model keeps its own cache and the token ids it holds (`ModelState`). `advance(seq)` crops the cache to
+the longest prefix it shares with `seq` (never all of it: the last token is always fed, so its logits come out),
+feeds the rest in one forward (a catch-up prefill when more than one token is missing) and returns the logits.
+Caches of the two models are never mixed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from declab.errors import UserError
+
+SECOND_MODEL_DEFAULTS = ("model", "pair", "")     # parameter values meaning "the second model beside the model"
+
+
+# ------------------------------------------------------------------------------------------------ second model
+def named_model(value: str) -> str | None:
+    """A model key named in a parameter, or None when the value means the paired second model."""
+    value = (value or "").strip()
+    return None if value in SECOND_MODEL_DEFAULTS else value
+
+
+def second_lm(ctx, key: str | None, role: str):
+    """The second LM for this run: the one in ctx.extras (checked against `key` when a key is named), else loaded
+    with declab.runner.get_lm by key (`key`, else extras['second_model'], else the model's first models.yaml pair).
+    Checks the tokenizer matches."""
+    extras = ctx.extras
+    lm2 = extras.get("second_lm")
+    have = extras.get("second_model") or getattr(lm2, "key", None)
+    if lm2 is not None and key is not None and have != key:
+        raise UserError(f"{role} model '{key}' was asked for, but the second model loaded for this run is '{have}'; "
+                        f"choose '{key}' as the second model (or set the parameter to 'model')")
+    if lm2 is None:
+        pairs = model_pairs(ctx.lm)
+        want = key or extras.get("second_model") or (pairs[0] if pairs else None)
+        if not want:
+            raise UserError(f"this strategy needs a {role} model and model '{ctx.lm.key}' lists none under `pairs` "
+                            f"in models.yaml: pick a second model or name one in the parameters")
+        from declab.runner import get_lm
+        lm2 = get_lm(want)
+    check_same_tokenizer(ctx.lm, lm2)
+    return lm2
+
+
+def model_pairs(lm) -> tuple[str, ...]:
+    """The model's `pairs` in the current registry (else on its own spec)."""
+    from declab.registry import load_registry
+    try:
+        spec = load_registry().models.get(lm.key)
+    except UserError:
+        spec = None
+    spec = spec or getattr(lm, "spec", None)
+    return tuple(getattr(spec, "pairs", ()) or ())
+
+
+def check_same_tokenizer(lm, other) -> None:
+    if lm.vocab_size != other.vocab_size:
+        raise UserError(f"models '{lm.key}' and '{other.key}' do not share a tokenizer (logits width {lm.vocab_size} vs "
+                        f"{other.vocab_size}); pick a pair from models.yaml")
+    n = min(lm.vocab_size, 64)
+    probe = sorted({0, 1, 2, n // 2, n - 1, lm.vocab_size // 3, lm.vocab_size - 1} & set(range(lm.vocab_size)))
+    try:
+        same = all(lm.token_text(i) == other.token_text(i) for i in probe)
+    except (IndexError, KeyError):
+        same = False
+    if not same:
+        raise UserError(f"models '{lm.key}' and '{other.key}' do not share a tokenizer; pick a pair from models.yaml")
+
+
+def model_params(lm) -> int | None:
+    """Parameters of a model (tied weights counted once); None for a model without torch weights (fake)."""
+    model = getattr(lm, "model", None)
+    if model is None or not hasattr(model, "parameters"):
+        return getattr(lm, "num_params", None)
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ caches
+class ModelState:
+    """One model's KV cache and the ids it holds. Per run (never stored on the shared LM)."""
+
+    def __init__(self, lm, name: str):
+        self.lm, self.name = lm, name
+        self.cache = None
+        self.ids: list[int] = []         # token ids whose keys/values are in the cache
+        self.verified = 0                # ids[:verified] equal the sequence given last time (it only grows)
+        self.last_keep = 0               # cache length kept by the last advance (what was fed came after it)
+        self.forwards = 0
+        self.tokens_fed = 0
+        self.fwd_ms = 0.0
+
+    def advance(self, seq: list[int], extra: list[int] | tuple = (), all_logits: bool = False):
+        """Sync the cache to `seq` and feed what it lacks plus `extra` in one forward. `seq` only grows from call
+        to call (tokens are appended, never rewritten), so only the part after the last call is compared.
+        Returns (StepOut, fed) where fed = number of tokens of `seq` fed (1 normally; more = catch-up)."""
+        keep = min(common_prefix(self.ids, seq, min(self.verified, len(self.ids), len(seq))), len(seq) - 1)
+        if self.cache is None or keep == 0:
+            self.cache, self.ids, keep = None, [], 0
+        elif keep < len(self.ids):
+            self.lm.crop(self.cache, keep)
+            del self.ids[keep:]
+        self.last_keep = keep
+        feed = list(seq[keep:]) + list(extra)
+        if self.cache is None:
+            out = self.lm.prefill(feed, all_logits=all_logits)
+        else:
+            out = self.lm.step([feed], self.cache, all_logits=all_logits)
+        self.cache = out.cache
+        self.ids.extend(feed)
+        self.verified = len(seq)
+        self.forwards += 1
+        self.tokens_fed += len(feed)
+        self.fwd_ms += out.fwd_ms
+        return out, len(seq) - keep
+
+
+def common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
+    """Length of the common prefix of a and b, given that a[:start] == b[:start]."""
+    n = min(len(a), len(b))
+    i = start
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+# ------------------------------------------------------------------------------------------------ acceptance
+def probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The warped distribution both models sample from (identical warpers on p and q). temperature 0 = greedy
+    (a point mass on the argmax)."""
+    from declab.sampling import warp
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return warp(logits, temperature, top_k, top_p).softmax(-1)
+
+
+def accept_probability(p: torch.Tensor, q: torch.Tensor, token: int) -> float:
+    """min(1, p(x)/q(x)) for a token x drawn from q (Leviathan et al. 2023, Alg. 1)."""
+    qx = float(q[token])
+    return 1.0 if qx <= 0 else min(1.0, float(p[token]) / qx)
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)): what to sample from after a rejection. Falls back to p when the difference has no mass
+    (only possible through rounding, since a rejection implies p(x) < q(x) somewhere)."""
+    r = (p - q).clamp_min(0)
+    s = float(r.sum())
+    return r / s if s > 1e-12 else p
+
+
+def speculative_step(p: torch.Tensor, q: torch.Tensor, token: int, generator: torch.Generator):
+    """One position of speculative sampling: accept `token` (drawn from q) with probability min(1, p/q), else draw
+    from the residual. Returns (accepted, emitted token, u)."""
+    u = float(torch.rand((), generator=generator, device=p.device))
+    if u < accept_probability(p, q, token):
+        return True, token, u
+    return False, int(torch.multinomial(residual(p, q), 1, generator=generator)), u
+
+
+def expected_tokens_per_round(alpha: float, gamma: int) -> float:
+    """(1 - alpha^(gamma+1)) / (1 - alpha): expected tokens per round under i.i.d. acceptance alpha (Leviathan)."""
+    if alpha >= 1.0:
+        return float(gamma + 1)
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def expected_speedup(alpha: float, gamma: int, c: float) -> float:
+    """(1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1)): expected wall-time improvement (Leviathan), c = cost of
+    one draft step / cost of one target step."""
+    return expected_tokens_per_round(alpha, gamma) / (gamma * c + 1)
+
+
+@dataclass
+class Timer:
+    """Accumulates ms between start/stop calls on the LM's (CUDA-synchronised) clock."""
+
+    lm: object
+    ms: float = 0.0
+    _t0: float = math.nan
+
+    def start(self) -> None:
+        self._t0 = self.lm.clock_ms()
+
+    def stop(self) -> float:
+        dt = self.lm.clock_ms() - self._t0
+        self.ms += dt
+        return dt
+
+
+def target_only_ms(lm, prompt_ids: list[int], num_tokens: int, stop=None) -> float | None:
+    """Wall time (ms) of plain target decoding of `num_tokens` tokens after the prompt (prefill included, argmax
+    feedback; the cost does not depend on which tokens come out). None when stopped."""
+    t0 = lm.clock_ms()
+    out = lm.prefill(prompt_ids)
+    for _ in range(max(0, num_tokens - 1)):
+        if stop is not None and stop.is_set():
+            return None
+        out = lm.step([[int(out.logits[0].argmax())]], out.cache)
+    int(out.logits[0].argmax())
+    return lm.clock_ms() - t0
