@@ -1,6 +1,4 @@
-"""(Helper agents: read /work/main/HELPERS.md first: shared-tree rules, no `make test`.)
-
-Decoding strategies, one module each; importing this package registers them all (see base.STRATEGIES)."""
+"""Decoding strategies, one module each; importing this package registers them all (see base.STRATEGIES)."""
 
 from strategies import greedy, sample, mirostat  # noqa: F401
 from strategies import momentum, contrastive_search  # noqa: F401
