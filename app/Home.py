@@ -1,6 +1,7 @@
 """declab: the Streamlit entry point (`streamlit run app/Home.py`, or `make run`).
 
-Multipage navigation: Run (the landing page), Compare, Trace explorer, Teach and Export. Each page is a thin script
+Multipage navigation: Run (the landing page), Compare, Trace explorer, Teach, Export and Library (every
+stored run, across sessions and restarts). Each page is a thin script
 over app/common.py; decoding lives in declab/ and strategies/, figures in viz/.
 """
 
@@ -16,6 +17,7 @@ pages = [
     st.Page("views/trace_explorer.py", title="Trace explorer", icon=":material/query_stats:", url_path="explorer"),
     st.Page("views/teach.py", title="Teach", icon=":material/school:", url_path="teach"),
     st.Page("views/export.py", title="Export", icon=":material/download:", url_path="export"),
+    st.Page("views/library.py", title="Library", icon=":material/library_books:", url_path="library"),
 ]
 page = st.navigation(pages)
 sidebar = st.sidebar.empty()

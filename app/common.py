@@ -328,6 +328,7 @@ class Batch:
     done: threading.Event = field(default_factory=threading.Event)
     current: int = 0
     errors: dict = field(default_factory=dict)   # job index -> one-line message (UserError raised mid-run)
+    unsaved: dict = field(default_factory=dict)  # job index -> why its run is not in the run library
     collected: bool = False
 
     def start(self) -> None:
@@ -346,6 +347,10 @@ class Batch:
                     self.errors[i] = str(e)
                 except Exception as e:  # the runner records failures itself; this is a last resort
                     self.errors[i] = f"{type(e).__name__}: {e}"
+                if job.run.result is not None:   # kept in the run library as soon as it ends (ok, stopped, failed)
+                    problem = library_save(job.run.result)
+                    if problem:
+                        self.unsaved[i] = problem
         finally:
             self.done.set()
 
@@ -353,6 +358,17 @@ class Batch:
         self.stop_all.set()
         for job in self.jobs:
             job.run.stop.set()
+
+
+def library_save(result) -> str | None:
+    """Keep a finished run (ok, stopped or failed) in the run library (declab/store.py; shared by every session
+    and the CLI). Returns None, or why it could not be saved (the run stays in this session either way)."""
+    from declab.store import open_store
+    try:
+        open_store().save(result, source="app")
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def active_batch() -> Batch | None:
@@ -419,6 +435,8 @@ def collect() -> list[RunRecord]:
             continue
         origin = f" ({job.label})" if batch.kind == "compare" else ""
         rec = add_run(result.meta, result.frame, origin)
+        if i in batch.unsaved:
+            notices.append(("warning", f"{rec.label} is not in the run library: {batch.unsaved[i]}"))
         records.append(rec)
         if result.status == "failed":
             notices.append(("error", f"{rec.label} failed: {result.error}. Earlier runs are kept."))
@@ -491,8 +509,8 @@ def sidebar_status(slot) -> None:
             st.info(f"Decoding ({batch.kind}): run {batch.current + 1} of {len(batch.jobs)}. Open its page to "
                     "watch it; it keeps going meanwhile.")
             st.button("Stop", on_click=_stop_clicked, key="stop:sidebar", icon=":material/stop_circle:")
-        st.caption(f"{n} run{'s' if n != 1 else ''} in this session (kept in this browser tab only; at most "
-                   f"{MAX_HISTORY}).")
+        st.caption(f"{n} run{'s' if n != 1 else ''} in this session (this browser tab; at most {MAX_HISTORY}). "
+                   "Every run is also kept in the Library.")
 
 
 # ---------------------------------------------------------------------------------------------- rendering

@@ -114,7 +114,13 @@ def default_path() -> Path:
     if env:
         return Path(env).expanduser()
     data = os.environ.get("XDG_DATA_HOME")
-    base = Path(data).expanduser() if data and Path(data).is_absolute() else Path.home() / ".local" / "share"
+    if data and Path(data).is_absolute():
+        base = Path(data)
+    else:
+        try:
+            base = Path.home() / ".local" / "share"
+        except RuntimeError:                     # no home folder (a bare environment)
+            raise UserError(f"no home folder for the run store: set {ENV_STORE} or use --store PATH") from None
     return base / "declab" / "runs.sqlite"
 
 

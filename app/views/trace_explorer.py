@@ -55,7 +55,7 @@ source = st.radio("Source", ["Upload files", "A run of this session"], horizonta
 if source == "Upload files":
     rec = from_upload()
 else:
-    rec = common.run_picker("Run", key="tx:pick")
+    rec = common.run_picker("Run", key="tx:pick", prefer=common.last().get("explorer"))   # set by the Library
     if rec is None:
         st.info("No runs in this session yet; run one on the Run page or upload files.")
 
