@@ -155,8 +155,8 @@ def group_beam_search(ctx: RunContext, *, num_beams: int, num_beam_groups: int, 
     out = lm.prefill([ctx.prompt_ids] * B)                # B identical rows, as HF (see diverse_beam.py)
     beam_scores = torch.full((B,), -1e9, dtype=torch.float32, device=dev)
     beam_scores[::S] = 0.0
-    loglik = torch.zeros(B, dtype=torch.float64, device=dev)     # sum of raw ln p per beam
-    paid = torch.zeros(B, dtype=torch.float64, device=dev)       # sum of penalties per beam
+    # host-side per-beam bookkeeping (B <= 16 floats): sums of raw ln p and of penalties, float32 scores as floats
+    loglik, paid, score_host = [0.0] * B, [0.0] * B, beam_scores.tolist()
     seq = torch.zeros((B, 0), dtype=torch.long, device=dev)      # generated ids per beam
     hyps = [BeamHypotheses(S, length_penalty, early_stopping, max_length) for _ in range(G)]
     done = [False] * G
@@ -174,22 +174,23 @@ def group_beam_search(ctx: RunContext, *, num_beams: int, num_beam_groups: int, 
         lp = torch.log_softmax(out.logits.float(), dim=-1)          # [B, V] float32, raw
         V = lp.shape[-1]
         entropy = _entropy_bits(lp)                                  # [B] bits
-        cur_tok = torch.zeros(B, dtype=torch.long, device=dev)
-        reorder = torch.zeros(B, dtype=torch.long, device=dev)
+        cur = [0] * B                                                # this step's token per row (HF current_tokens)
+        reorder = [0] * B
         new_scores = beam_scores.clone()
-        new_loglik = loglik.clone()
-        new_paid = paid.clone()
+        new_loglik, new_paid, new_score_host = list(loglik), list(paid), list(score_host)
         token_rows: list[dict] = []
         for g in range(G):
             lo = g * S
             if done[g]:                                              # HF: pad tokens, score 0, from the first beam
-                cur_tok[lo:lo + S] = pad
-                reorder[lo:lo + S] = lo
+                cur[lo:lo + S] = [pad] * S
+                reorder[lo:lo + S] = [lo] * S
                 new_scores[lo:lo + S] = 0.0
+                new_score_host[lo:lo + S] = [0.0] * S
                 continue
             glp = lp[lo:lo + S]                                      # [S, V]
             if hamming and g > 0:
-                pen = lam * torch.bincount(cur_tok[:lo], minlength=V)   # [V] float32, earlier groups' picks
+                counts = torch.bincount(torch.tensor(cur[:lo], device=dev), minlength=V)
+                pen = lam * counts                                   # [V] float32, earlier groups' picks (HF op)
                 proc = glp - pen
             else:
                 pen = None
@@ -213,8 +214,8 @@ def group_beam_search(ctx: RunContext, *, num_beams: int, num_beam_groups: int, 
                         continue
                     status[r] = "finished"
                     p = lo + parents[r]
-                    hyp_ll = float(loglik[p]) + raws[r]
-                    hyp_pen = float(paid[p]) + pens[r]
+                    hyp_ll = loglik[p] + raws[r]
+                    hyp_pen = paid[p] + pens[r]
                     gen_len = step + 1
                     hyp = Hypothesis(token_ids=seq[p].tolist(), score=normalised(vals[r], gen_len, length_penalty),
                                      cum_score=vals[r], gen_len=gen_len,
@@ -236,42 +237,39 @@ def group_beam_search(ctx: RunContext, *, num_beams: int, num_beam_groups: int, 
                 trace.add("group_done", step, branch_id=lo, parent_id=lo, group=g, score=hyps[g].worst_score,
                           finished=len(hyps[g]))
 
-            sel = torch.tensor(kept, dtype=torch.long, device=dev)
-            par = torch.tensor([parents[r] for r in kept], dtype=torch.long, device=dev) + lo
-            cur_tok[lo:lo + S] = torch.tensor([toks[r] for r in kept], dtype=torch.long, device=dev)
-            reorder[lo:lo + S] = par
-            new_scores[lo:lo + S] = top_s[sel]
-            new_loglik[lo:lo + S] = loglik[par] + raw[sel].double()
-            new_paid[lo:lo + S] = paid[par] + pen_c[sel].double()
-
-            kept_at = {r: j for j, r in enumerate(kept)}
-            earlier = set(cur_tok[:lo].tolist()) if g > 0 else set()
+            earlier = set(cur[:lo])
+            new_scores[lo:lo + S] = top_s[torch.tensor(kept, dtype=torch.long, device=dev)]   # float32, exact
+            for j, r in enumerate(kept):
+                p = lo + parents[r]
+                cur[lo + j], reorder[lo + j], new_score_host[lo + j] = toks[r], p, vals[r]
+                new_loglik[lo + j], new_paid[lo + j] = loglik[p] + raws[r], paid[p] + pens[r]
             for r in range(K):
                 p = lo + parents[r]
                 trace.add("candidate", step, branch_id=p, parent_id=p, position=P + step, token_id=toks[r],
                           token_text=text(toks[r]), logprob=raws[r], entropy=entropy[p], score=vals[r],
                           accepted=status[r] == "kept", group=g, penalty=pens[r], aug_logprob=raws[r] - pens[r],
                           rank=r, parent_beam=p, status=status[r])
-            ll_kept = new_loglik[lo:lo + S].tolist()
-            for r, j in kept_at.items():
+            for j, r in enumerate(kept):
                 p = lo + parents[r]
                 token_rows.append(trace.add(
                     "token", step, branch_id=lo + j, parent_id=p, position=P + step, token_id=toks[r],
                     token_text=text(toks[r]), logprob=raws[r], entropy=entropy[p], score=vals[r], accepted=True,
-                    group=g, penalty=pens[r], collisions=int(toks[r] in earlier), loglik=ll_kept[j], rank=r,
+                    group=g, penalty=pens[r], collisions=int(toks[r] in earlier), loglik=new_loglik[lo + j], rank=r,
                     parent_beam=p))
 
-        seq = torch.cat([seq[reorder], cur_tok[:, None]], dim=1)
-        beam_scores, loglik, paid = new_scores, new_loglik, new_paid
+        reorder_t = torch.tensor(reorder, dtype=torch.long, device=dev)
+        cur_tok = torch.tensor(cur, dtype=torch.long, device=dev)
+        seq = torch.cat([seq[reorder_t], cur_tok[:, None]], dim=1)
+        beam_scores, loglik, paid, score_host = new_scores, new_loglik, new_paid, new_score_host
         sel_ms = lm.clock_ms() - t0
         if token_rows:
             token_rows[0].update(fwd_ms=out.fwd_ms, sel_ms=sel_ms)
             for row in token_rows:
                 row["dt_ms"] = out.fwd_ms + sel_ms
-        yield Progress(step, _best_running(seq, beam_scores, done, hyps, S))
+        yield Progress(step, _best_running(seq, score_host, done, hyps, S))
         if all(done) or step + 1 >= ctx.max_new_tokens:
             break
-        lm.select(out.cache, reorder)                                # one cache reorder per step
+        lm.select(out.cache, reorder_t)                              # one cache reorder per step
         out = lm.step(cur_tok[:, None], out.cache)
 
     # finalize: running beams of groups not done join their lists, then the pooled ranking
@@ -281,10 +279,10 @@ def group_beam_search(ctx: RunContext, *, num_beams: int, num_beam_groups: int, 
             continue
         for i in range(S):
             b = g * S + i
-            cum = float(beam_scores[b])
+            cum = score_host[b]                                      # == beam_scores[b].item()
             hyp = Hypothesis(token_ids=seq[b].tolist(), score=normalised(cum, seq.shape[1], length_penalty),
                              cum_score=cum, gen_len=seq.shape[1],
-                             extra={"loglik": float(loglik[b]), "penalty": float(paid[b]), "group": g, "eos": False})
+                             extra={"loglik": loglik[b], "penalty": paid[b], "group": g, "eos": False})
             row = trace.add("finish", last, branch_id=b, parent_id=b, position=P + last, score=hyp.score, group=g,
                             cum_score=cum, loglik=hyp.extra["loglik"], penalty=hyp.extra["penalty"],
                             gen_len=seq.shape[1], eos=False)
@@ -311,11 +309,10 @@ def _entropy_bits(lp: torch.Tensor) -> list[float]:
     return h
 
 
-def _best_running(seq: torch.Tensor, scores: torch.Tensor, done: list[bool], hyps, S: int) -> list[int]:
+def _best_running(seq: torch.Tensor, scores: list[float], done: list[bool], hyps, S: int) -> list[int]:
     """Generated ids of the current best running beam (of groups not done), else of the best hypothesis."""
-    alive = [g for g, d in enumerate(done) if not d]
+    alive = [b for g, d in enumerate(done) if not d for b in range(g * S, g * S + S)]
     if alive:
-        rows = torch.cat([torch.arange(g * S, g * S + S) for g in alive]).to(scores.device)
-        return seq[rows[int(scores[rows].argmax())]].tolist()
+        return seq[max(alive, key=lambda b: scores[b])].tolist()
     ranked = pool_ranking(hyps, 1)
     return list(ranked[0].token_ids) if ranked else []

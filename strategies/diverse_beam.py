@@ -38,7 +38,10 @@ Where this deviates from the letter of the reference: none in the outputs. `beam
 semantics (HF 4.36-4.49 `_beam_search`, and 4.56 `_group_beam_search` with one group). HF 4.50-4.56 rewrote plain
 `_beam_search` in vectorised form; it only differs in edge cases (its stopping test uses the best running beam
 rather than the best candidate including EOS, and at the length limit it finishes only the top-S candidates), so on
-most prompts both agree (tests/data/diverse_beam/golden.json records both).
+most prompts both agree (tests/data/diverse_beam/golden.json records both). Two scope limits: the model's own
+generation_config processors (no_repeat_ngram_size, min_length, forced tokens...) are not applied (the embedded
+model sets none), and the EOS set is LM.eos_ids (generation_config and tokenizer EOS together), which is what HF
+uses for the models in models.yaml.
 
 Trace (one row per thing that happened; branch_id = beam slot 0..B-1, group g owns slots g·S..g·S+S-1):
 - `candidate`: every one of the K candidates of every group and step: branch_id = parent_id = the parent beam's
