@@ -2,7 +2,7 @@
 
     declab list [--json]
     declab run --model KEY --strategy NAME [--set PARAM=VALUE ...] (--prompt TEXT | --prompt-file FILE)
-               [--prompt-format raw|chat] [--max-new-tokens N] [--seed S] [--grammar-file FILE]
+               [--prompt-format raw|chat] [--max-new-tokens N] [--seed S] [--grammar-file FILE] [--lame-prompt TEXT]
                [--csv PATH] [--parquet PATH] [--json PATH] [--html PATH] [--store PATH | --no-store]
     declab runs list|show|export|delete|tag|import ...   the run library (see declab/runs_cli.py)
 
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=64)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--grammar-file", default=None)
+    r.add_argument("--lame-prompt", default=None, metavar="TEXT",
+                   help="uscd: the lame prompt (default: derived from the prompt by removing its examples)")
     r.add_argument("--csv", default=None)
     r.add_argument("--parquet", default=None)
     r.add_argument("--json", default=None)
@@ -110,6 +112,8 @@ def cmd_run(args) -> int:
     extras = {}
     if args.grammar_file:
         extras["grammar"] = _read_text(args.grammar_file, "grammar file")
+    if args.lame_prompt is not None:
+        extras["lame_prompt"] = args.lame_prompt
     request = RunRequest(model=args.model or registry.default, strategy=args.strategy, prompt=prompt,
                          params=parse_sets(args.set), prompt_format=args.prompt_format,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, extras=extras)

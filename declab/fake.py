@@ -27,6 +27,7 @@ DEFAULT_VOCAB = ("</s>", " the", " cat", " sat", " on", " mat", " a", " dog", " 
 @dataclass
 class FakeCache:
     ids: torch.Tensor                    # [B, L] every position seen so far
+    mask: torch.Tensor | None = None     # [B, L] 0 = left padding (rows of different lengths), None = no padding
 
     def get_seq_length(self) -> int:
         return int(self.ids.shape[1])
@@ -118,8 +119,11 @@ class FakeLM:
     def new_cache(self) -> FakeCache:
         return FakeCache(torch.zeros(1, 0, dtype=torch.long))
 
-    def _forward(self, cache: FakeCache, ids: torch.Tensor, hidden: bool, all_logits: bool) -> StepOut:
+    def _forward(self, cache: FakeCache, ids: torch.Tensor, hidden: bool, all_logits: bool,
+                 attention_mask=None) -> StepOut:
         t0 = self.clock_ms()
+        if attention_mask is not None:           # padded rows: the script sees only the unmasked context
+            return self._forward_masked(cache, ids, hidden, all_logits, torch.as_tensor(attention_mask).bool(), t0)
         self.forwards += 1
         if self.delay_s:
             time.sleep(self.delay_s)
@@ -135,14 +139,33 @@ class FakeLM:
         return StepOut(logits=logits if all_logits else logits[:, -1, :], cache=cache, hidden=h,
                        fwd_ms=self.clock_ms() - t0)
 
-    def prefill(self, ids, hidden: bool = False, all_logits: bool = False) -> StepOut:
-        return self._forward(self.new_cache(), self.as_ids(ids), hidden, all_logits)
+    def _forward_masked(self, cache: FakeCache, ids: torch.Tensor, hidden: bool, all_logits: bool,
+                        mask: torch.Tensor, t0: float) -> StepOut:
+        """Like _forward for left-padded rows: mask [B, L+T] covers the cache and the new ids (0 = padding)."""
+        self.forwards += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        L = cache.ids.shape[1]
+        base = cache.ids if L else cache.ids.expand(ids.shape[0], 0)
+        cache.ids = torch.cat([base, ids], dim=1)                          # [B, L+T]
+        cache.mask = mask
+        B, T = ids.shape
+        rows = [[self.logits_fn(cache.ids[b, : L + t + 1][mask[b, : L + t + 1]].tolist()).float() for t in range(T)]
+                for b in range(B)]
+        logits = torch.stack([torch.stack(r) for r in rows])               # [B, T, V]
+        h = self.embed[ids] if hidden else None
+        return StepOut(logits=logits if all_logits else logits[:, -1, :], cache=cache, hidden=h,
+                       fwd_ms=self.clock_ms() - t0)
+
+    def prefill(self, ids, hidden: bool = False, all_logits: bool = False, attention_mask=None,
+                position_ids=None) -> StepOut:
+        return self._forward(self.new_cache(), self.as_ids(ids), hidden, all_logits, attention_mask)
 
     def step(self, ids, cache: FakeCache, hidden: bool = False, all_logits: bool = False,
-             inputs_embeds: torch.Tensor | None = None) -> StepOut:
+             inputs_embeds: torch.Tensor | None = None, attention_mask=None, position_ids=None) -> StepOut:
         if inputs_embeds is not None:
             raise NotImplementedError("the fake model has no inputs_embeds path")
-        return self._forward(cache, self.as_ids(ids), hidden, all_logits)
+        return self._forward(cache, self.as_ids(ids), hidden, all_logits, attention_mask)
 
     @property
     def embedding_matrix(self) -> torch.Tensor:

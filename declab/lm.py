@@ -54,11 +54,14 @@ class LM:
         return time.perf_counter() * 1000.0
 
     # ---------------------------------------------------------------------------------------- forward
-    def _forward(self, cache, input_ids=None, inputs_embeds=None, hidden=False, all_logits=False) -> StepOut:
+    def _forward(self, cache, input_ids=None, inputs_embeds=None, hidden=False, all_logits=False,
+                 attention_mask=None, position_ids=None) -> StepOut:
         t0 = self.clock_ms()
+        pad = {} if attention_mask is None else {"attention_mask": torch.as_tensor(attention_mask, device=self.device),
+                                                 "position_ids": torch.as_tensor(position_ids, device=self.device)}
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True,
-                             output_hidden_states=hidden, logits_to_keep=0 if all_logits else 1)
+                             output_hidden_states=hidden, logits_to_keep=0 if all_logits else 1, **pad)
         logits = out.logits.float()                                   # [B, T or 1, V]
         logits = logits if all_logits else logits[:, -1, :]           # [B, T, V] | [B, V]
         h = out.hidden_states[-1] if hidden else None                 # [B, T, H], already final-normed
@@ -72,17 +75,22 @@ class LM:
         t = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         return t[None, :] if t.dim() == 1 else t
 
-    def prefill(self, ids, hidden: bool = False, all_logits: bool = False) -> StepOut:
-        """Run the prompt through a fresh cache. ids: list[int] | [T] | [B, T]."""
-        return self._forward(self.new_cache(), input_ids=self.as_ids(ids), hidden=hidden, all_logits=all_logits)
+    def prefill(self, ids, hidden: bool = False, all_logits: bool = False, attention_mask=None,
+                position_ids=None) -> StepOut:
+        """Run the prompt through a fresh cache. ids: list[int] | [T] | [B, T]. Rows of different lengths (uscd):
+        left-pad them and pass attention_mask [B, T] (0 = pad) with position_ids [B, T] (both or neither)."""
+        return self._forward(self.new_cache(), input_ids=self.as_ids(ids), hidden=hidden, all_logits=all_logits,
+                             attention_mask=attention_mask, position_ids=position_ids)
 
     def step(self, ids, cache: DynamicCache, hidden: bool = False, all_logits: bool = False,
-             inputs_embeds: torch.Tensor | None = None) -> StepOut:
-        """Append T positions to `cache`: ids [B, T] (or a list for B=1), or inputs_embeds [B, T, H]."""
+             inputs_embeds: torch.Tensor | None = None, attention_mask=None, position_ids=None) -> StepOut:
+        """Append T positions to `cache`: ids [B, T] (or a list for B=1), or inputs_embeds [B, T, H].
+        attention_mask [B, cache length + T] and position_ids [B, T]: for left-padded rows (see prefill)."""
         if inputs_embeds is not None:
             return self._forward(cache, inputs_embeds=inputs_embeds.to(self.dtype), hidden=hidden,
-                                 all_logits=all_logits)
-        return self._forward(cache, input_ids=self.as_ids(ids), hidden=hidden, all_logits=all_logits)
+                                 all_logits=all_logits, attention_mask=attention_mask, position_ids=position_ids)
+        return self._forward(cache, input_ids=self.as_ids(ids), hidden=hidden, all_logits=all_logits,
+                             attention_mask=attention_mask, position_ids=position_ids)
 
     @property
     def embedding_matrix(self) -> torch.Tensor:

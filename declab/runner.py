@@ -109,7 +109,7 @@ class Run:
         req, lm = self.request, self.lm
         ctx = RunContext(lm=lm, prompt_ids=self.prompt_ids, max_new_tokens=req.max_new_tokens, seed=req.seed,
                          generator=make_generator(req.seed, lm.device), trace=self.trace, stop=self.stop,
-                         extras=dict(req.extras))
+                         extras={"prompt_text": req.prompt, "prompt_format": self.prompt_format, **req.extras})
         started = time.time()
         t0 = time.perf_counter()
         status, error, sequences = "ok", None, None

@@ -1,0 +1,244 @@
+"""USCD: uncertainty-aware selective contrastive decoding against a "lame" prompt (code generation).
+
+Paper: Wang, Ding, Shen, Luo, He, Yu, Tao, "USCD: Improving Code Generation of LLMs by Uncertainty-Aware Selective
+Contrastive Decoding" (arXiv 2409.05923); reference `alphadl/CodeGen-USCD` (`bigcode_eval/contrast.py`
+EnsembleLogitsProcessor, `main.py`, run script `codellama_7b_weight_10_-07_pass@1.sh`). Spec: algorithms.md 5.1,
+5.2, 5.4.
+
+Lame prompt (5.1): the standard prompt with its input-output examples removed. Derived automatically by
+`lame_prompt()`: HumanEval style, every doctest example (a `>>>` line and its expected-output lines) and a
+left-over "Example(s):" / "For example:" header are dropped, as are `name(...) == result` / `➞` example lines of the
+function being written; MBPP style, every `assert ...` test line is dropped. The rules work on any text, so they
+apply inside a chat message as well (the prompt text is the user message; the lame text is wrapped in the same
+chat template). The user can give it instead: ctx.extras["lame_prompt"] (app text box, CLI `--lame-prompt`), in
+the same format as the prompt (a chat message when the prompt is one).
+
+Rule (5.2, as implemented by the reference), per step with p_s, p_l the standard / lame next-token distributions:
+    contrast  iff  sum_v p_s(v)^2 <= threshold                  (uncertain; else plain decoding on ln p_s)
+    keep = { v : p_s(v) >= gamma / V }                          (plausibility: gamma times the mean probability)
+    scores(v) = ln(w_s p_s(v) + w_l p_l(v)) on keep, -inf elsewhere and where the argument is <= 0
+    temperature 0: argmax (lowest id on ties); else temperature then top-p, one draw (HF warper order).
+If no kept token has a positive mixture (possible only when gamma is large), the step falls back to plain decoding
+and says so (`fallback` column); the reference would produce NaN there.
+
+The gate without the vocabulary (5.2 "interpretation"). The reference's statistic is u = std over the vocabulary of
+p_s, contrasting when u <= T. Since sum p = 1, u^2 = sum p^2 / V - 1 / V^2, so u <= T  <=>  sum p^2 <= V T^2 + 1/V:
+the reference gate is exactly a threshold on the collision probability sum p^2 (the chance two draws agree; 1 for a
+point mass, about p_max^2 for a peaked distribution), which does not depend on V. Our `threshold` is that bound;
+the published T = 0.005 with CodeLlama's V = 32016 gives 32016 * 0.005^2 + 1/32016 = 0.8004, so the default is 0.8
+(contrast unless roughly p_max >~ 0.9). To reproduce the reference's raw T on another vocabulary set `std_threshold`
+(> 0 overrides `threshold` with V T^2 + 1/V for the run's V). The trace records u (`u_std`), sum p^2 (`sum_sq`),
+p_max and the entropy.
+
+Paper / reference symbol -> config field: T (`mean_num`) -> threshold (re-parameterised, above) or std_threshold
+(raw); gamma (`filter_num`, 0.6667 in the published run) -> gamma; src_weights (1.0, -0.7) -> w_standard,
+w_lame; temperature 0.8, top_p 0.95 (published run, n_samples 1) -> temperature, top_p; temperature 0 = greedy.
+
+Batching and the drift fix. Both prompts run as ONE batch of two rows (one B=2 forward per step): the shorter
+prompt is left-padded, with an attention mask and per-row position ids, so each row sees exactly its own prompt.
+Deviation from the reference (on purpose, 5.2 "differences to watch"): the token chosen from the standard row's
+scores is appended to BOTH rows every step, in both branches, so the lame context never drifts from the real
+output (the reference lets the lame row decode and sample on its own).
+
+Trace, per step: the `token` row (logprob = ln p_s of the chosen token, score = the score it was chosen by) with
+`u_std`, `sum_sq`, `p_max`, `contrast` (the gate), `keep_size`, `p_std` / `p_lame` (of the chosen token),
+`plain_token` (argmax p_s) and `flip` (the choice differs from plain greedy), `contrast_token` (argmax of the
+contrast scores, also on plain steps), `fallback`; `candidate` rows with `source` standard / lame / contrast (top
+`num_alternatives` of each, contrast = the contrast scores whether or not the gate applied them). Metrics:
+contrast_steps, contrast_fraction, flips, lame_prompt_tokens, lame_same_as_prompt. The lame prompt text is in the
+returned sequence's `lame_prompt`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from declab.errors import UserError
+from declab.sampling import entropy_bits
+from strategies.base import Config, Progress, RunContext, RunGen, Sequence, Strategy, param, register
+from strategies.contrastive import NEG_INF, add_candidates, choose
+
+REFERENCE_V = 32016          # CodeLlama's vocabulary (the published run)
+REFERENCE_T = 0.005
+
+
+def std_to_threshold(T: float, vocab_size: int) -> float:
+    """The reference's std threshold T on a vocabulary of V -> the equivalent bound on sum p^2 (V T^2 + 1/V)."""
+    return vocab_size * T * T + 1.0 / vocab_size
+
+
+# ------------------------------------------------------------------------------------------------ lame prompt
+_EXAMPLE_HEADER = re.compile(r"^\s*(for\s+)?(an?\s+)?examples?\s*(usage)?\s*[:.]?\s*$", re.I)
+_FUNC_NAME = re.compile(r"^\s*def\s+([A-Za-z_]\w*)\s*\(", re.M)
+
+
+def lame_prompt(text: str) -> str:
+    """The prompt without its input-output examples (see the module docstring): doctest `>>>` examples and their
+    outputs, `f(...) == / ==> / ➞ result` example lines of the prompt's functions, empty "Example(s):" headers, and
+    MBPP `assert` test lines. Text without examples comes back unchanged."""
+    lines = text.split("\n")
+    names = set(_FUNC_NAME.findall(text))
+    call = re.compile(r"^\s*(%s)\s*\(.*\)\s*(==>?|➞|->|=>|should return|returns?)\s*\S" % "|".join(map(re.escape, names))
+                      ) if names else None
+    out: list[str] = []
+    in_doctest = False
+    for line in lines:
+        s = line.strip()
+        if s.startswith(">>>"):
+            in_doctest = True
+            continue
+        if in_doctest:
+            # expected output lines follow a `>>>` line until a blank line, the docstring end or another example
+            if s and not s.startswith(('"""', "'''")) and not s.startswith(">>>"):
+                continue
+            in_doctest = False
+        if s.startswith("assert ") or s.startswith("assert("):
+            continue
+        if call is not None and call.match(line):
+            continue
+        out.append(line)
+    # drop "Example:" / "For example:" headers left with nothing under them
+    cleaned: list[str] = []
+    for i, line in enumerate(out):
+        if _EXAMPLE_HEADER.match(line):
+            rest = next((x.strip() for x in out[i + 1:] if x.strip()), "")
+            if not rest or rest.startswith(('"""', "'''", "```")) or _EXAMPLE_HEADER.match(rest):
+                continue
+        cleaned.append(line)
+    # a blank line left just before a closing docstring quote
+    result = "\n".join(cleaned)
+    result = re.sub(r"\n[ \t]*\n([ \t]*(\"\"\"|'''))", r"\n\1", result)
+    return result if result.strip() else text
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class USCDConfig(Config):
+    threshold: float = param(0.8, lo=0.0, hi=1.0, help="Gate: contrast when sum p_std^2 <= threshold (uncertain). "
+                                                       "= V*T^2 + 1/V of the reference's std threshold T; the published "
+                                                       "T=0.005 at V=32016 gives 0.80. 0 = never contrast, 1 = always.")
+    std_threshold: float = param(0.0, lo=0.0, hi=1.0, help="If > 0: the reference's raw std threshold T "
+                                                           "(vocabulary-dependent), overriding `threshold`.")
+    gamma: float = param(0.6667, lo=0.0, hi=1000.0, help="Plausibility filter: keep tokens with p_std >= gamma / V "
+                                                         "(gamma times the mean probability; published run 0.6667).")
+    w_standard: float = param(1.0, lo=-100.0, hi=100.0, help="Weight of p_std in the mixture (published: 1.0).")
+    w_lame: float = param(-0.7, lo=-100.0, hi=100.0, help="Weight of p_lame in the mixture (published: -0.7; "
+                                                          "negative = contrast).")
+    temperature: float = param(0.8, lo=0.0, hi=100.0, help="0 = greedy; > 0 = sample (published run: 0.8).")
+    top_p: float = param(0.95, lo=0.0, hi=1.0, lo_open=True, help="Top-p after temperature (published run: 0.95).")
+
+
+@register
+class USCD(Strategy):
+    name = "uscd"
+    title = "USCD (uncertainty-aware selective contrast with a lame prompt)"
+    paper = ("Wang et al. 2024, USCD: Improving Code Generation of LLMs by Uncertainty-Aware Selective Contrastive "
+             "Decoding (arXiv 2409.05923)")
+    explanation = ("The same model reads two prompts at once: the real one and a 'lame' copy with its input-output "
+                   "examples removed. Where the model is sure of the next token it decodes normally; where it is "
+                   "unsure, it subtracts part of what the lame prompt predicts (p_std - 0.7 p_lame), which pushes "
+                   "away from the noise the model would produce without the examples. Both prompts always receive "
+                   "the same chosen token.")
+    Config = USCDConfig
+    deterministic = False
+    needs = {"lame_prompt"}
+
+    def run(self, ctx: RunContext, cfg: USCDConfig) -> RunGen:
+        lm, trace = ctx.lm, ctx.trace
+        std_ids = list(ctx.prompt_ids)
+        lame_text, lame_ids = self.lame_ids(ctx)
+        V = lm.vocab_size
+        thr = std_to_threshold(cfg.std_threshold, V) if cfg.std_threshold > 0 else cfg.threshold
+        floor = cfg.gamma / V
+        k = min(ctx.num_alternatives, V)
+
+        # one batch of two rows, left-padded, each row with its own mask and positions
+        a, b = len(std_ids), len(lame_ids)
+        L = max(a, b)
+        pad = next(iter(sorted(lm.eos_ids)), 0)
+        ids = torch.tensor([[pad] * (L - a) + std_ids, [pad] * (L - b) + lame_ids], dtype=torch.long)
+        mask = torch.tensor([[0] * (L - a) + [1] * a, [0] * (L - b) + [1] * b], dtype=torch.long)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = lm.prefill(ids, attention_mask=mask, position_ids=pos)
+        next_pos = torch.tensor([[a], [b]], dtype=torch.long)
+        one = torch.ones(2, 1, dtype=torch.long)
+
+        generated: list[int] = []
+        total = 0.0
+        n_contrast = flips = 0
+        steps = 0
+        for step in range(ctx.max_new_tokens):
+            t0 = lm.clock_ms()
+            lp = out.logits.log_softmax(-1)                                 # [2, V]
+            p = lp.exp()
+            ps, pl = p[0], p[1]
+            sum_sq = (ps * ps).sum()
+            keep = ps >= floor
+            mix = cfg.w_standard * ps + cfg.w_lame * pl
+            cscores = torch.where(keep & (mix > 0), mix.clamp_min(1e-45).log(), torch.full_like(mix, NEG_INF))
+            gate = bool(sum_sq <= thr)
+            finite = bool(torch.isfinite(cscores).any()) if gate else True
+            use_contrast = gate and finite
+            scores = cscores if use_contrast else lp[0]
+            token = choose(scores, cfg.temperature, cfg.top_p, ctx.generator)
+            stops = torch.topk(lp[0], k)
+            ltops = torch.topk(lp[1], k)
+            ctops = torch.topk(cscores, k)
+            stats = torch.stack([lp[0].argmax().float(), cscores.argmax().float(), sum_sq, ps.max(),
+                                 entropy_bits(lp[0]), keep.sum().float(), ps[token], pl[token], lp[0, token],
+                                 scores[token]]).tolist()
+            plain, ctok = int(stats[0]), int(stats[1])
+            sel_ms = lm.clock_ms() - t0
+            flip = token != plain
+            flips += flip
+            n_contrast += use_contrast
+            steps += 1
+            u_std = math.sqrt(max(stats[2] / V - 1.0 / (V * V), 0.0))
+            trace.add("token", step, branch_id=0, parent_id=0, position=a + step, token_id=token,
+                      token_text=lm.token_text(token), logprob=stats[8], entropy=stats[4],
+                      score=stats[9] if math.isfinite(stats[9]) else None, model=lm.key, accepted=True,
+                      dt_ms=out.fwd_ms + sel_ms, u_std=u_std, sum_sq=stats[2], p_max=stats[3], contrast=use_contrast,
+                      keep_size=int(stats[5]), p_std=stats[6], p_lame=stats[7], plain_token=plain, flip=flip,
+                      contrast_token=ctok, fallback=gate and not finite, fwd_ms=out.fwd_ms, sel_ms=sel_ms)
+            add_candidates(ctx, step, token, "standard", stops.indices.tolist(), stops.values.tolist(), "logprob")
+            add_candidates(ctx, step, token, "lame", ltops.indices.tolist(), ltops.values.tolist(), "logprob")
+            add_candidates(ctx, step, token, "contrast", ctops.indices.tolist(), ctops.values.tolist(), "score")
+            total += stats[8]
+            ctx.metrics.update(self.metrics(n_contrast, flips, steps, lame_ids, std_ids))
+            if token in lm.eos_ids:
+                break
+            generated.append(token)
+            yield Progress(step, generated)
+            if step + 1 < ctx.max_new_tokens:
+                mask = torch.cat([mask, one], dim=1)
+                # the chosen token goes to BOTH rows (no drift of the lame context)
+                out = lm.step(torch.tensor([[token], [token]], dtype=torch.long), out.cache, attention_mask=mask,
+                              position_ids=next_pos)
+                next_pos = next_pos + 1
+        ctx.metrics.update(self.metrics(n_contrast, flips, steps, lame_ids, std_ids))
+        return [Sequence(token_ids=list(generated), score=total, extra={"lame_prompt": lame_text})]
+
+    @staticmethod
+    def lame_ids(ctx: RunContext) -> tuple[str, list[int]]:
+        """The lame prompt's text and ids, in the same format as the prompt (the runner passes the prompt text and
+        format in extras; without them the prompt ids are decoded and the lame text encoded raw)."""
+        lm, extras = ctx.lm, ctx.extras
+        given = extras.get("lame_prompt")
+        text = extras.get("prompt_text")
+        fmt = extras.get("prompt_format") or "raw"
+        if text is None:
+            text, fmt = lm.decode(ctx.prompt_ids), "raw"
+        lame = given if isinstance(given, str) and given.strip() else lame_prompt(text)
+        ids = lm.encode_prompt(lame, fmt)
+        if not ids:
+            raise UserError("uscd: the lame prompt encodes to no tokens; give a lame prompt with some text")
+        return lame, ids
+
+    @staticmethod
+    def metrics(n_contrast: int, flips: int, steps: int, lame_ids: list[int], std_ids: list[int]) -> dict:
+        return {"contrast_steps": n_contrast, "contrast_fraction": round(n_contrast / steps, 6) if steps else 0.0,
+                "flips": flips, "lame_prompt_tokens": len(lame_ids), "lame_same_as_prompt": lame_ids == std_ids}
