@@ -104,6 +104,14 @@ class FakeLM:
         self.delay_s = delay_s           # per forward, to let UI tests see streaming / stop
         self.embed = torch.randn(self.vocab_size, hidden_size, generator=torch.Generator().manual_seed(7))
         self.forwards = 0                # number of forward calls (tests count passes)
+        # Input embedding table for the `inputs_embeds` path (superposed decoding): a fixed signed permutation
+        # [V, V], so an embedding e = m·E is inverted exactly (m = e·Eᵀ) and a strategy that skipped the table would
+        # feed the wrong mixture. `embed` above stays the hidden-state table (contrastive search).
+        perm = torch.randperm(self.vocab_size, generator=torch.Generator().manual_seed(11))
+        sign = torch.where(torch.rand(self.vocab_size, generator=torch.Generator().manual_seed(12)) < 0.5, -1.0, 1.0)
+        self.input_embed = torch.zeros(self.vocab_size, self.vocab_size)
+        self.input_embed[torch.arange(self.vocab_size), perm] = sign
+        self.mixtures: list[torch.Tensor] = []   # every mixture m [V] fed through inputs_embeds (tests read them)
 
     # -- timing, same as LM
     def sync(self) -> None:
@@ -164,12 +172,41 @@ class FakeLM:
     def step(self, ids, cache: FakeCache, hidden: bool = False, all_logits: bool = False,
              inputs_embeds: torch.Tensor | None = None, attention_mask=None, position_ids=None) -> StepOut:
         if inputs_embeds is not None:
-            raise NotImplementedError("the fake model has no inputs_embeds path")
+            return self._forward_embeds(cache, inputs_embeds, hidden, all_logits)
         return self._forward(cache, self.as_ids(ids), hidden, all_logits, attention_mask)
+
+    def _forward_embeds(self, cache: FakeCache, embeds: torch.Tensor, hidden: bool, all_logits: bool) -> StepOut:
+        """inputs_embeds [B, T, V] (rows of `embedding_matrix` mixed): recover the mixture m = e·Eᵀ; the logits at
+        a mixed position are the m-weighted mixture of the logits each mixed token would have given, and the cache
+        stores the mixture's heaviest token (lowest id on ties) as that position's id for later contexts. A one-hot
+        m is exactly the input_ids path."""
+        t0 = self.clock_ms()
+        self.forwards += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        mix = embeds.float() @ self.input_embed.T                         # [B, T, V]
+        mix = torch.where(mix.abs() < 1e-6, torch.zeros_like(mix), mix)
+        B, T, _ = mix.shape
+        if cache.ids.shape[1] == 0 and cache.ids.shape[0] != B:
+            cache.ids = cache.ids.expand(B, 0)
+        logits = torch.zeros(B, T, self.vocab_size)
+        for t in range(T):
+            new = mix[:, t].argmax(-1)                                    # [B] the position's stand-in id
+            for b in range(B):
+                m = mix[b, t]
+                self.mixtures.append(m.clone())
+                context = cache.ids[b].tolist()
+                for j in torch.nonzero(m).flatten().tolist():
+                    logits[b, t] += float(m[j]) * self.logits_fn(context + [j]).float()
+            cache.ids = torch.cat([cache.ids, new[:, None]], dim=1)
+        h = (mix @ self.embed) if hidden else None                        # [B, T, H]
+        return StepOut(logits=logits if all_logits else logits[:, -1, :], cache=cache, hidden=h,
+                       fwd_ms=self.clock_ms() - t0)
 
     @property
     def embedding_matrix(self) -> torch.Tensor:
-        return self.embed
+        """The input embedding table [V, V] of the inputs_embeds path (see `input_embed`)."""
+        return self.input_embed
 
     @staticmethod
     def fork(cache: FakeCache, n: int) -> FakeCache:

@@ -21,6 +21,7 @@ from viz.common import PALETTE, chosen_path, fmt, has, meta_params, num, rows_of
 from viz.timeline import threshold_lines
 from viz.contrastive_search import contrastive_search_figure
 from viz.momentum import momentum_figure
+from viz.superposed import superposed_figure
 
 
 def mirostat_figure(frame: pd.DataFrame, meta: dict | None = None) -> go.Figure | None:
@@ -97,6 +98,7 @@ MECHANISMS = {
     "diverse_beam": (("group", "penalty"), diverse_beam_figure),
     "momentum": (("repeat_len", "resistance"), momentum_figure),
     "contrastive_search": (("degeneration_penalty",), contrastive_search_figure),
+    "superposed": (("weight", "weight_entropy"), superposed_figure),
 }
 
 
