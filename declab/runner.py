@@ -187,8 +187,9 @@ def second_model_key(request: RunRequest, registry: Registry | None = None) -> s
         return None
     key = named or request.extras.get("second_model") or (spec.pairs[0] if spec.pairs else None)
     if not key:
+        role = getattr(strategy, "second_model_role", "")              # e.g. contrastive: "amateur"
         raise UserError(f"strategy '{strategy.name}' needs a second model and model '{spec.key}' lists none under "
-                        f"`pairs` in models.yaml")
+                        f"`pairs` in models.yaml" + (f": it has no {role}" if role else ""))
     registry.get(key)                                       # unknown key: a one-line error
     return key
 

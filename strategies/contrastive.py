@@ -97,6 +97,7 @@ class Contrastive(Strategy):
     Config = ContrastiveConfig
     deterministic = False
     needs = {"second_model"}
+    second_model_role = "amateur"          # named in the runner's "no second model" message
 
     @staticmethod
     def named_second_model(cfg: ContrastiveConfig) -> str:

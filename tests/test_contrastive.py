@@ -109,7 +109,7 @@ def test_no_amateur_is_a_clear_error(fake_registry, capsys):
                      "--max-new-tokens", "4", "--no-store"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "fake-draft" in err and "pairs" in err and "\n" == err[-1] and err.count("\n") == 1
+    assert "fake-draft" in err and "pairs" in err and "no amateur" in err and err.count("\n") == 1
 
 
 def test_cli_default_pair(fake_registry, tmp_path):
@@ -133,3 +133,14 @@ def test_embedded_self_contrast(real_lm):
     cand = res.frame[(res.frame.kind == "candidate") & (res.frame.source == "contrast")]
     for step, grp in cand[cand.score.notna()].groupby("step"):
         assert int(tok.token_id[step]) <= int(grp.token_id.min())      # the lowest id among the tied head
+
+
+def test_mechanism_figure(fake_registry):
+    from viz.mechanism import mechanism_figures
+    exp, ama = pair()
+    res = run(exp, ama, n=16)
+    figs = mechanism_figures(res.frame, res.meta)
+    assert "contrastive" in figs and "uscd" not in figs
+    tok = tokens(res)
+    flips = next(t for t in figs["contrastive"].data if t.name == "flipped")
+    assert list(flips.x) == tok.step[tok.flip.astype(bool)].tolist()

@@ -278,3 +278,21 @@ def test_embedded_chat_humaneval_prompt(real_lm):
     assert ">>>" not in lame and "has_close_elements(numbers" in lame
     m = u0.meta["metrics"]
     assert m["lame_prompt_tokens"] < len(real_lm.encode_prompt(msg, "chat")) and m["contrast_steps"] == 0
+
+
+def test_mechanism_figure(fake_registry):
+    from viz.mechanism import mechanism_figures
+    lm = fake()
+    res = run(lm, prompt=" the cat sat\n on the mat and the dog", extras={"lame_prompt": " a dog"},
+              threshold=0.3, temperature=0.0, n=20)
+    figs = mechanism_figures(res.frame, res.meta)
+    assert "uscd" in figs and "contrastive" not in figs
+    fig = figs["uscd"]
+    names = [t.name for t in fig.data]
+    tok = tokens(res)
+    flips = next(t for t in fig.data if t.name == "flipped vs plain greedy")
+    assert list(flips.x) == tok.step[tok.flip.astype(bool)].tolist()
+    on = next(t for t in fig.data if t.name == "contrast applied (unsure)")
+    assert list(on.x) == tok.step[tok.contrast.astype(bool)].tolist()
+    assert "plain step (sure)" in names and "p_lame(chosen)" in names
+    assert any(s.y0 == 0.3 for s in fig.layout.shapes)                 # the threshold line

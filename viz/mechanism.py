@@ -21,6 +21,7 @@ from viz.common import PALETTE, chosen_path, fmt, has, meta_params, num, rows_of
 from viz.timeline import threshold_lines
 from viz.contrastive_search import contrastive_search_figure
 from viz.momentum import momentum_figure
+from viz.uscd import contrastive_figure, uscd_figure
 from viz.superposed import superposed_figure
 
 
@@ -98,6 +99,8 @@ MECHANISMS = {
     "diverse_beam": (("group", "penalty"), diverse_beam_figure),
     "momentum": (("repeat_len", "resistance"), momentum_figure),
     "contrastive_search": (("degeneration_penalty",), contrastive_search_figure),
+    "uscd": (("sum_sq", "contrast"), uscd_figure),
+    "contrastive": (("head_size", "flip"), contrastive_figure),
     "superposed": (("weight", "weight_entropy"), superposed_figure),
 }
 
