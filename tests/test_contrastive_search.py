@@ -57,18 +57,24 @@ def test_next_step_logits_equal_a_fresh_forward_on_the_fake_model():
     assert len(chosen) == 40 and len(set(chosen)) > 5
 
 
-def test_one_k_row_forward_per_token(fake_lm):
+def test_one_k_row_forward_per_token():
+    lm = no_eos_lm()
     calls = []
-    original = fake_lm._forward
+    prefill, step = lm.prefill, lm.step
 
-    def spy(cache, ids, hidden, all_logits):
-        calls.append((tuple(ids.shape), hidden))
-        return original(cache, ids, hidden, all_logits)
-    fake_lm._forward = spy
-    res = run(fake_lm, n=12, top_k=3)
+    def spy_prefill(ids, hidden=False, **kw):
+        calls.append(("prefill", tuple(lm.as_ids(ids).shape), hidden))
+        return prefill(ids, hidden=hidden, **kw)
+
+    def spy_step(ids, cache, hidden=False, **kw):
+        calls.append(("step", tuple(lm.as_ids(ids).shape), hidden))
+        return step(ids, cache, hidden=hidden, **kw)
+    lm.prefill, lm.step = spy_prefill, spy_step
+    res = run(lm, n=12, top_k=3)
     steps = int((res.frame.kind == "token").sum())
-    assert calls[0][1] and calls[0][0][0] == 1                 # prefill, with hidden states
-    assert calls[1:] == [((3, 1), True)] * steps              # then exactly one [k, 1] look-ahead per token
+    assert steps == 12 and lm.forwards == 1 + steps
+    assert calls[0][0] == "prefill" and calls[0][1][0] == 1 and calls[0][2]      # prefill, with hidden states
+    assert calls[1:] == [("step", (3, 1), True)] * steps     # then exactly one [k, 1] look-ahead per token
 
 
 def test_ranking_matches_a_from_scratch_recomputation():
