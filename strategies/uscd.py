@@ -6,9 +6,12 @@ EnsembleLogitsProcessor, `main.py`, run script `codellama_7b_weight_10_-07_pass@
 5.2, 5.4.
 
 Lame prompt (5.1): the standard prompt with its input-output examples removed. Derived automatically by
-`lame_prompt()`: HumanEval style, every doctest example (a `>>>` line and its expected-output lines) and a
-left-over "Example(s):" / "For example:" header are dropped, as are `name(...) == result` / `➞` example lines of the
-function being written; MBPP style, every `assert ...` test line is dropped. The rules work on any text, so they
+`lame_prompt()`: HumanEval style, every doctest example (a `>>>` line and its expected-output lines), every
+"Example(s) [N]:" / "For example:" section (the header and what is indented under it or looks like an example),
+and example lines anywhere (`f(...) == / ==> / ➞ result`, `Input:` / `Output:` / `Explanation:`, "For x = ... the
+output should be ..."); MBPP style, every `assert ...` test line. On HumanEval's 164 prompts this changes all but 5
+(38, 41, 50, 83, 144: prompts with no examples, whose lame prompt equals the prompt, so uscd = plain decoding by
+5.4 (a): greedy uscd equals greedy there). The rules work on any text, so they
 apply inside a chat message as well (the prompt text is the user message; the lame text is wrapped in the same
 chat template). The user can give it instead: ctx.extras["lame_prompt"] (app text box, CLI `--lame-prompt`), in
 the same format as the prompt (a chat message when the prompt is one).
@@ -72,45 +75,46 @@ def std_to_threshold(T: float, vocab_size: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ lame prompt
-_EXAMPLE_HEADER = re.compile(r"^\s*(for\s+)?(an?\s+)?examples?\s*(usage)?\s*[:.]?\s*$", re.I)
-_FUNC_NAME = re.compile(r"^\s*def\s+([A-Za-z_]\w*)\s*\(", re.M)
+_EXAMPLE_HEADER = re.compile(r"^\s*(for\s+)?(an?\s+)?examples?\s*(usage|\d+)?\s*[:.]?\s*$", re.I)
+_EXAMPLE_LINE = re.compile(r"^\s*(input\s*:|output\s*:|explanation\s*:|for\s.*\boutput\s+should\s+be\b"
+                           r"|[A-Za-z_][\w.]*\(.*\)\s*(==>?|➞|=>|->|should\s+return|returns?)\s*\S)", re.I)
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
 
 
 def lame_prompt(text: str) -> str:
     """The prompt without its input-output examples (see the module docstring): doctest `>>>` examples and their
-    outputs, `f(...) == / ==> / ➞ result` example lines of the prompt's functions, empty "Example(s):" headers, and
-    MBPP `assert` test lines. Text without examples comes back unchanged."""
-    lines = text.split("\n")
-    names = set(_FUNC_NAME.findall(text))
-    call = re.compile(r"^\s*(%s)\s*\(.*\)\s*(==>?|➞|->|=>|should return|returns?)\s*\S" % "|".join(map(re.escape, names))
-                      ) if names else None
+    outputs; "Example(s) [N]:" sections (the header and what is indented under it or looks like an example:
+    `Input:` / `Output:` / `Explanation:` lines, `f(...) == / ==> / ➞ result` calls, "For x = ... the output should
+    be ..."), also such example lines on their own; and MBPP `assert` test lines. Text without examples comes back
+    unchanged."""
     out: list[str] = []
     in_doctest = False
-    for line in lines:
+    section = None                       # indentation of the "Example:" header whose section is being dropped
+    for line in text.split("\n"):
         s = line.strip()
         if s.startswith(">>>"):
             in_doctest = True
             continue
         if in_doctest:
             # expected output lines follow a `>>>` line until a blank line, the docstring end or another example
-            if s and not s.startswith(('"""', "'''")) and not s.startswith(">>>"):
+            if s and not s.startswith(('"""', "'''")):
                 continue
             in_doctest = False
-        if s.startswith("assert ") or s.startswith("assert("):
+        if section is not None:
+            if not s or _indent(line) > section or _EXAMPLE_LINE.match(line) or _EXAMPLE_HEADER.match(line):
+                continue
+            section = None
+        if _EXAMPLE_HEADER.match(line):
+            section = _indent(line)
             continue
-        if call is not None and call.match(line):
+        if s.startswith("assert ") or s.startswith("assert(") or _EXAMPLE_LINE.match(line):
             continue
         out.append(line)
-    # drop "Example:" / "For example:" headers left with nothing under them
-    cleaned: list[str] = []
-    for i, line in enumerate(out):
-        if _EXAMPLE_HEADER.match(line):
-            rest = next((x.strip() for x in out[i + 1:] if x.strip()), "")
-            if not rest or rest.startswith(('"""', "'''", "```")) or _EXAMPLE_HEADER.match(rest):
-                continue
-        cleaned.append(line)
-    # a blank line left just before a closing docstring quote
-    result = "\n".join(cleaned)
+    result = "\n".join(out)
+    # a blank line left just before a closing docstring quote (the removed examples were the docstring's end)
     result = re.sub(r"\n[ \t]*\n([ \t]*(\"\"\"|'''))", r"\n\1", result)
     return result if result.strip() else text
 

@@ -77,6 +77,34 @@ def test_lame_prompt_example_header_and_arrow_examples():
     assert "=>" not in arrow and "Examples" not in arrow and "Return the sum of the digits." in arrow
 
 
+HE_SECTIONS = '''def even_odd_palindrome(n):
+    """
+    Given a positive integer n, return a tuple of counts.
+
+    Example 1:
+
+        Input: 3
+        Output: (1, 2)
+        Explanation:
+        Integer palindrome are 1, 2, 3.
+
+    Example 2:
+        Input: 12
+        Output: (4, 6)
+
+    Note:
+        1. 1 <= n <= 10^3
+    Examples:
+    For lst = [0,3,2] the output should be 10
+    """
+'''
+
+
+def test_lame_prompt_example_sections():
+    assert lame_prompt(HE_SECTIONS) == ('def even_odd_palindrome(n):\n    """\n    Given a positive integer n, return a '
+                                        'tuple of counts.\n\n    Note:\n        1. 1 <= n <= 10^3\n    """\n')
+
+
 def test_lame_prompt_mbpp_assert_removed():
     assert lame_prompt(MBPP) == '"""\nWrite a function to find the shared elements from the given two lists.\n"""\n'
 
