@@ -298,7 +298,7 @@ def test_embedded_chat_humaneval_prompt(real_lm):
     """The chat format: the lame prompt is the same chat message without the examples; threshold 0 = greedy
     through the padded two-row batch; the default gate contrasts on some steps."""
     msg = "Complete the following Python function in one ```python code block.\n\n```python\n" + HE_PROMPT + "```"
-    req = dict(model=real_lm.key, prompt=msg, max_new_tokens=10, prompt_format="chat")
+    req = dict(model=real_lm.key, prompt=msg, max_new_tokens=8, prompt_format="chat")
     g = Run(real_lm, RunRequest(strategy="greedy", **req)).run_to_end()
     u0 = Run(real_lm, RunRequest(strategy="uscd", params={"threshold": 0.0, "temperature": 0.0}, **req)).run_to_end()
     assert u0.sequences[0].token_ids == g.sequences[0].token_ids
