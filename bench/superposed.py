@@ -21,6 +21,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def one(lm, strategy: str, params: dict, tokens: int, prompt: str, seed: int = 0
     wall = time.perf_counter() - t0
     if res.status != "ok":
         raise RuntimeError(f"{strategy}: {res.status} {res.error}")
+    print(f"    {strategy} {params} seed {seed}: {len(res.sequences[0].token_ids)} tokens in {wall:.1f} s",
+          file=sys.stderr, flush=True)
     return wall, res
 
 
@@ -59,6 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--skip-alpha0", action="store_true", help="leave out the alpha=0 (no n-gram) variant")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     lm = get_lm(MODEL)
@@ -81,9 +85,10 @@ def main(argv=None) -> int:
         w, res = one(lm, "superposed", spd, N, args.prompt)
         walls["superposed"].append(w)
         kept["superposed"] = res
-        w, res = one(lm, "superposed", spd0, N, args.prompt)
-        walls["superposed_alpha0"].append(w)
-        kept["superposed_alpha0"] = res
+        if not args.skip_alpha0:
+            w, res = one(lm, "superposed", spd0, N, args.prompt)
+            walls["superposed_alpha0"].append(w)
+            kept["superposed_alpha0"] = res
         total = 0.0
         for i in range(K):
             w, res = one(lm, "sample", NUCLEUS, N, args.prompt, seed=1000 * rep + i)
@@ -91,13 +96,14 @@ def main(argv=None) -> int:
             total += w * N / n
             nucleus_texts.append(res.sequences[0].token_ids)
         walls["nucleus_x3"].append(total)
-    med = {k: statistics.median(v) for k, v in walls.items()}
+    med = {k: statistics.median(v) if v else float("nan") for k, v in walls.items()}
 
     prompt_ids = lm.encode_prompt(args.prompt, "raw")
     ppl = {
         "greedy": [perplexity(lm, prompt_ids, kept["greedy"].sequences[0].token_ids)],
         "superposed": [perplexity(lm, prompt_ids, s.token_ids) for s in kept["superposed"].sequences],
-        "superposed_alpha0": [perplexity(lm, prompt_ids, s.token_ids) for s in kept["superposed_alpha0"].sequences],
+        "superposed_alpha0": [perplexity(lm, prompt_ids, s.token_ids) for s in kept["superposed_alpha0"].sequences]
+        if "superposed_alpha0" in kept else [float("nan")],
         "nucleus": [perplexity(lm, prompt_ids, ids) for ids in nucleus_texts],
     }
     table = {

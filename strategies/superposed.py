@@ -257,8 +257,9 @@ class Superposed(Strategy):
         ctx.metrics.update({"drafts": k, "forwards": steps_done, "fallback_steps": fallback_steps,
                             "finished_drafts": len(finished)})
         return [Sequence(token_ids=list(dr.token_ids), score=self._score(dr),
-                         extra={"ppl": dr.ppl, "cum_score": dr.lp, "gen_len": dr.gen_len, "eos": dr.eos,
-                                "draft": dr.slot})
+                         extra={"ppl": dr.ppl if math.isfinite(dr.ppl) else None,
+                                "cum_score": dr.lp if math.isfinite(dr.lp) else None,
+                                "gen_len": dr.gen_len, "eos": dr.eos, "draft": dr.slot})
                 for dr in ranked]
 
     @staticmethod

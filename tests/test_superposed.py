@@ -230,7 +230,8 @@ def test_ngram_interpolation_matches_brute_force(tmp_path):
             hist = list(prompt) + drafts[int(r.parent_id)]
             q = brute_q(docs, hist, int(r.token_id), {2: 0.1, 3: 0.2, 4: 0.3})
             assert r.ngram_q == pytest.approx(q, abs=1e-12)
-            got = [n for n in (2, 3, 4) if brute_counts(docs, n)[0][tuple(hist[len(hist) - n + 1:]) + (int(r.token_id),)]]
+            got = [n for n in (2, 3, 4)
+                   if brute_counts(docs, n)[0][tuple(hist[len(hist) - n + 1:]) + (int(r.token_id),)]]
             assert r.ngram_orders == " ".join(map(str, got))
             assert r.ngram_hits == len(got)
             if not r.fallback:

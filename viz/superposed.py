@@ -38,7 +38,7 @@ def superposed_figure(frame: pd.DataFrame, meta: dict | None = None) -> go.Figur
         else np.zeros(len(tokens), dtype=bool)
 
     fig = make_subplots(rows=2, cols=1, row_heights=[0.72, 0.28], vertical_spacing=0.1, shared_xaxes=True,
-                        subplot_titles=["Draft lattice: node size/colour = superposition weight ω, edges = parent slot",
+                        subplot_titles=["Draft lattice: size/colour = superposition weight ω, edges = parent slot",
                                         "Blend per step"])
     # edges, one trace (None-separated)
     ex, ey = [], []
