@@ -86,12 +86,23 @@ def chat_ids(tok, prompt: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------- stage 2: answers
+def _topk_logp(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k ids (int32) and their log-probs (float16) of logits [N, V], without materialising log_softmax."""
+    logits = logits.float()
+    top = logits.topk(k, dim=-1)
+    return top.indices.to(torch.int32), (top.values - logits.logsumexp(-1, keepdim=True)).to(torch.float16)
+
+
 def generate_answers(model, tok, prompts: list[str], sample: bool, seed: int, batch: int = GEN_BATCH,
-                     max_new: int = MAX_NEW, log=print) -> list[dict]:
-    """The target's answers, batched with left padding. Returns [{'prompt_ids', 'answer_ids', 'sampled'}]."""
+                     max_new: int = MAX_NEW, capture: int | None = None, top_k: int = TOP_K,
+                     log=print) -> list[dict]:
+    """The target's answers, batched with left padding. Returns [{'prompt_ids', 'answer_ids', 'sampled'}].
+    With capture=E, each row also gets its distillation features, read off the generation itself (no second
+    forward): 'feats' {E: the states entering layer E at every position but the last, float16} and the target's
+    top-K next-token log-probs at the answer positions ('top_idx', 'top_logp', from the raw logits)."""
     out = []
-    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-              else [model.generation_config.eos_token_id])
+    eos_cfg = model.generation_config.eos_token_id
+    eos = set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 2
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -103,79 +114,121 @@ def generate_answers(model, tok, prompts: list[str], sample: bool, seed: int, ba
         with torch.inference_mode():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=sample,
                                  temperature=SAMPLE_TEMPERATURE if sample else None, top_p=None, top_k=None,
-                                 pad_token_id=pad)
-        for e, row in zip(enc, gen[:, width:].tolist()):
+                                 pad_token_id=pad, return_dict_in_generate=True, output_logits=capture is not None,
+                                 output_hidden_states=capture is not None)
+        seqs = gen.sequences
+        if capture is not None:
+            hs = torch.cat([step[capture] for step in gen.hidden_states], dim=1)      # [B, width + steps - 1, H]
+            logits = torch.stack(gen.logits, dim=1)                                    # [B, steps, V]
+        for j, (e, row) in enumerate(zip(enc, seqs[:, width:].tolist())):
             answer = []
             for t in row:
                 answer.append(t)
                 if t in eos:
                     break
-            out.append({"prompt_ids": e, "answer_ids": answer, "sampled": sample})
+            item = {"prompt_ids": e, "answer_ids": answer, "sampled": sample}
+            if capture is not None:
+                n_p, n_a = len(e), len(answer)
+                start = width - n_p                                                    # left padding
+                item["feats"] = {capture: hs[j, start: start + n_p + n_a - 1].to(torch.float16).clone()}
+                item["top_idx"], item["top_logp"] = _topk_logp(logits[j, :n_a], top_k)
+            out.append(item)
         log(f"  generated {min(b + batch, len(prompts))}/{len(prompts)} ({'sampled' if sample else 'greedy'}) "
             f"{time.perf_counter() - t0:.0f}s")
     return out
 
 
-def stage_answers(work: Path, log=print) -> dict:
-    """Answers for train/held-out prompts, greedy and sampled; each part cached as its own JSON file."""
+NUM_SAMPLED_TRAIN = 0     # training prompts also answered by sampling (0: greedy answers only, see build())
+
+
+def answer_parts(num_sampled_train: int | None = None) -> list[tuple[str, str, list[str], int]]:
+    """(split, mode, prompts, seed) of every answer set: greedy answers to every prompt; with num_sampled_train > 0
+    also sampled answers (temperature SAMPLE_TEMPERATURE) to that many training prompts and to the held-out ones."""
     from declab.draft_data import build_prompts
     train, held = build_prompts()
-    parts = (("held_out", "greedy", held, 1), ("train", "greedy", train, 2), ("train", "sampled", train, 3),
-             ("held_out", "sampled", held, 4))
+    n = NUM_SAMPLED_TRAIN if num_sampled_train is None else num_sampled_train
+    parts = [("held_out", "greedy", held, 1), ("train", "greedy", train, 2)]
+    if n > 0:
+        parts += [("train", "sampled", train[:n], 3), ("held_out", "sampled", held, 4)]
+    return parts
+
+
+def stage_answers(work: Path, frozen: int = NUM_FROZEN, top_k: int = TOP_K, log=print) -> dict:
+    """Answers for train/held-out prompts, greedy and sampled, each part cached in `work`. Sampled parts are
+    generated with their features captured (saved beside them); greedy parts get theirs in `stage_features`."""
     data: dict = {"train": [], "held_out": []}
     model = tok = None
-    for split, mode, prompts, seed in parts:
+    for split, mode, prompts, seed in answer_parts():
         path = work / f"answers-{split}-{mode}.json"
         if not path.exists():
             if model is None:
                 model, tok = load_base()
-            rows = generate_answers(model, tok, prompts, sample=mode == "sampled", seed=seed, log=log)
+            capture = frozen if mode == "sampled" else None
+            rows = generate_answers(model, tok, prompts, sample=mode == "sampled", seed=seed, capture=capture,
+                                    top_k=top_k, log=log)
+            if capture is not None:
+                torch.save([{k: r[k] for k in ("feats", "top_idx", "top_logp")} for r in rows],
+                           _feature_path(work, split, mode, frozen, top_k))
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(rows))
+            tmp.write_text(json.dumps([{k: r[k] for k in ("prompt_ids", "answer_ids", "sampled")} for r in rows]))
             tmp.rename(path)
-        data[split] += json.loads(path.read_text())
+        for r in json.loads(path.read_text()):
+            data[split].append(dict(r, part=mode))
     return data
 
 
+def _feature_path(work: Path, split: str, mode: str, frozen: int, top_k: int) -> Path:
+    return work / f"features-{split}-{mode}-E{frozen}-k{top_k}.pt"
+
+
 # ------------------------------------------------------------------------------------------ stage 3: features
-def stage_features(work: Path, data: dict, frozen: tuple[int, ...] = (NUM_FROZEN,), top_k: int = TOP_K,
-                   batch: int = 8, log=print) -> dict:
-    """Teacher-forced target forward over every (prompt + answer): the states entering layer E (for each E in
-    `frozen`, float16 [T, H]) and the target's top-K next-token log-probs at the answer positions (the position
-    before each answer token). Cached per split as a torch file."""
-    out = {}
-    model = None
-    for split in ("train", "held_out"):
-        path = work / f"features-{split}-{'-'.join(map(str, frozen))}-k{top_k}.pt"
-        if path.exists():
-            out[split] = torch.load(path)
-            continue
-        if model is None:
-            model, _ = load_base()
-        rows = data[split]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_ids"]) + len(rows[i]["answer_ids"]))
-        seqs: list[dict | None] = [None] * len(rows)
-        t0 = time.perf_counter()
-        for b in range(0, len(order), batch):
-            idx = order[b:b + batch]
-            ids_list = [rows[i]["prompt_ids"] + rows[i]["answer_ids"] for i in idx]
-            width = max(len(x) for x in ids_list)
-            ids = torch.tensor([x + [0] * (width - len(x)) for x in ids_list])
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids_list])
-            with torch.inference_mode():
-                o = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-            logp = o.logits.float().log_softmax(-1)                                   # [B, W, V]
+def teacher_features(model, rows: list[dict], frozen: int, top_k: int = TOP_K, batch: int = 8,
+                     log=print) -> list[dict]:
+    """One teacher-forced forward per (prompt + answer), batched with right padding: the states entering layer E
+    (float16, every position but the last) and the top-K next-token log-probs at the answer positions."""
+    feats: list[dict | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_ids"]) + len(rows[i]["answer_ids"]))
+    head = model.get_output_embeddings().weight
+    t0 = time.perf_counter()
+    for b in range(0, len(order), batch):
+        idx = order[b:b + batch]
+        ids_list = [rows[i]["prompt_ids"] + rows[i]["answer_ids"] for i in idx]
+        width = max(len(x) for x in ids_list)
+        ids = torch.tensor([x + [0] * (width - len(x)) for x in ids_list])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids_list])
+        with torch.inference_mode():
+            o = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
             for j, i in enumerate(idx):
-                n_p, n_a = len(rows[i]["prompt_ids"]), len(rows[i]["answer_ids"])
-                L = n_p + n_a
-                top = logp[j, n_p - 1: L - 1].topk(top_k, dim=-1)                     # [n_a, K]
-                seqs[i] = {"ids": torch.tensor(ids_list[j]), "n_prompt": n_p,
-                           "feats": {e: o.hidden_states[e][j, :L].to(torch.float16).clone() for e in frozen},
-                           "top_idx": top.indices.to(torch.int32), "top_logp": top.values.to(torch.float16),
-                           "sampled": rows[i]["sampled"]}
-            log(f"  features {split} {min(b + batch, len(order))}/{len(order)} {time.perf_counter() - t0:.0f}s")
-        torch.save(seqs, path)
-        out[split] = seqs
+                n_p, L = len(rows[i]["prompt_ids"]), len(ids_list[j])
+                top_idx, top_logp = _topk_logp(o.last_hidden_state[j, n_p - 1: L - 1] @ head.T, top_k)
+                feats[i] = {"feats": {frozen: o.hidden_states[frozen][j, : L - 1].to(torch.float16).clone()},
+                            "top_idx": top_idx, "top_logp": top_logp}
+        log(f"{min(b + batch, len(order))}/{len(order)} {time.perf_counter() - t0:.0f}s")
+    return feats
+
+
+def with_features(rows: list[dict], feats: list[dict]) -> list[dict]:
+    """Training records: ids, n_prompt, sampled flag, feats, top_idx, top_logp."""
+    return [{"ids": r["prompt_ids"] + r["answer_ids"], "n_prompt": len(r["prompt_ids"]),
+             "sampled": r.get("sampled", False), **f} for r, f in zip(rows, feats)]
+
+
+def stage_features(work: Path, data: dict, frozen: int = NUM_FROZEN, top_k: int = TOP_K, batch: int = 8,
+                   log=print) -> dict:
+    """Per split, one dict per sequence: ids, n_prompt, feats {E: states entering layer E, float16 [L-1, H]},
+    the target's top-K next-token log-probs at the answer positions, sampled flag. Greedy parts: one teacher-forced
+    target forward per sequence (cached per part); sampled parts: captured during generation."""
+    out: dict = {"train": [], "held_out": []}
+    model = None
+    for split, mode, _prompts, _seed in answer_parts():
+        rows = [r for r in data[split] if r["part"] == mode]
+        path = _feature_path(work, split, mode, frozen, top_k)
+        if not path.exists():
+            if model is None:
+                model, _ = load_base()
+            torch.save(teacher_features(model, rows, frozen, top_k, batch,
+                                        log=lambda m: log(f"  features {split}/{mode} {m}")), path)
+        out[split] += with_features(rows, torch.load(path))
     return out
 
 
@@ -214,7 +267,7 @@ def _batches(seqs: list[dict], max_tokens: int, rng: torch.Generator) -> list[li
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]["ids"]))
     out, cur, width = [], [], 0
     for i in order:
-        n = len(seqs[i]["ids"])
+        n = len(seqs[i]["ids"]) - 1
         if cur and max(width, n) * (len(cur) + 1) > max_tokens:
             out.append(cur)
             cur, width = [], 0
@@ -227,7 +280,9 @@ def _batches(seqs: list[dict], max_tokens: int, rng: torch.Generator) -> list[li
 
 
 def _collate(seqs: list[dict], idx: list[int], frozen: int):
-    width = max(len(seqs[i]["ids"]) for i in idx)
+    """Right-padded features [B, W, H] (positions 0..L-2 of each sequence: the last token feeds nothing we score),
+    mask, (row, position) of every answer position, the teacher's top-K ids and log-probs there."""
+    width = max(len(seqs[i]["ids"]) - 1 for i in idx)
     H = seqs[idx[0]]["feats"][frozen].shape[-1]
     feats = torch.zeros(len(idx), width, H)
     mask = torch.zeros(len(idx), width, dtype=torch.long)
@@ -235,8 +290,8 @@ def _collate(seqs: list[dict], idx: list[int], frozen: int):
     for j, i in enumerate(idx):
         s = seqs[i]
         L = len(s["ids"])
-        feats[j, :L] = s["feats"][frozen].float()
-        mask[j, :L] = 1
+        feats[j, :L - 1] = s["feats"][frozen].float()
+        mask[j, :L - 1] = 1
         n_p = s["n_prompt"]
         pos.append(torch.stack([torch.full((L - n_p,), j), torch.arange(n_p - 1, L - 1)], 1))
         tidx.append(s["top_idx"].long())
@@ -245,15 +300,28 @@ def _collate(seqs: list[dict], idx: list[int], frozen: int):
 
 
 def distill_loss(hidden: torch.Tensor, head: torch.Tensor, pos: torch.Tensor, tidx: torch.Tensor,
-                 tlogp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 tlogp: torch.Tensor, num_negatives: int | None = None,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward KL over the teacher's top-K (renormalised): sum_k p_k (log p_k - log q_k), mean over positions.
-    Also returns the top-1 agreement count (student argmax == teacher argmax)."""
+    Also returns the top-1 agreement count (student argmax == teacher argmax).
+
+    num_negatives=None: q is the student's softmax over the whole vocabulary. With a number, q is normalised over
+    a sampled vocabulary only: every token in the batch's teacher top-K plus that many uniformly drawn others
+    (sampled softmax; the head is the costliest part of a training step, and the batch's top-K tokens are a few
+    thousand of 49k). Evaluation always uses the whole vocabulary."""
     h = hidden[pos[:, 0], pos[:, 1]]                                     # [N, H]
-    logq = (h @ head.T).log_softmax(-1)                                  # [N, V]
     p = tlogp.softmax(-1)                                                # [N, K] renormalised teacher
-    kl = (p * (p.clamp_min(1e-12).log() - logq.gather(1, tidx))).sum(-1).mean()
-    agree = (logq.argmax(-1) == tidx[:, 0]).sum()
-    return kl, agree
+    if num_negatives is None:
+        logq = (h @ head.T).log_softmax(-1)                              # [N, V]
+        kl = (p * (p.clamp_min(1e-12).log() - logq.gather(1, tidx))).sum(-1).mean()
+        return kl, (logq.argmax(-1) == tidx[:, 0]).sum()
+    V = head.shape[0]
+    extra = torch.randint(0, V, (num_negatives,), generator=generator)
+    vocab, inverse = torch.unique(torch.cat([tidx.reshape(-1), extra]), return_inverse=True)
+    local = inverse[: tidx.numel()].view_as(tidx)                       # teacher ids -> columns of the subset
+    logq = (h @ head[vocab].T).log_softmax(-1)                           # [N, |subset|]
+    kl = (p * (p.clamp_min(1e-12).log() - logq.gather(1, local))).sum(-1).mean()
+    return kl, (vocab[logq.argmax(-1)] == tidx[:, 0]).sum()
 
 
 def evaluate_adapter(adapter: Adapter, head: torch.Tensor, seqs: list[dict], frozen: int,
@@ -277,7 +345,7 @@ def evaluate_adapter(adapter: Adapter, head: torch.Tensor, seqs: list[dict], fro
 def train_adapter(base_model, feats: dict, frozen: int = NUM_FROZEN, num_layers: int = NUM_ADAPTER,
                   init: str = "next", epochs: float = 3.0, lr: float = 3e-4, max_tokens: int = 2048,
                   seed: int = 0, eval_every: int = 100, time_limit_s: float | None = None,
-                  log=print) -> tuple[Adapter, dict]:
+                  num_negatives: int | None = 4096, on_best=None, log=print) -> tuple[Adapter, dict]:
     """AdamW with linear warm-up and cosine decay; only the adapter's layers and norm are trained."""
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
@@ -294,12 +362,13 @@ def train_adapter(base_model, feats: dict, frozen: int = NUM_FROZEN, num_layers:
     history = [{"step": 0, **evaluate_adapter(adapter, head, held, frozen)}]
     log(f"  step 0/{total} held-out {history[-1]}")
     step, t0, seen = 0, time.perf_counter(), 0
+    best = None
     while step < total:
         for idx in _batches(train, max_tokens, rng):
             if step >= total:
                 break
             f, m, pos, tidx, tlogp = _collate(train, idx, frozen)
-            kl, agree = distill_loss(adapter(f, m), head, pos, tidx, tlogp)
+            kl, agree = distill_loss(adapter(f, m), head, pos, tidx, tlogp, num_negatives, rng)
             opt.zero_grad(set_to_none=True)
             kl.backward()
             torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
@@ -309,19 +378,29 @@ def train_adapter(base_model, feats: dict, frozen: int = NUM_FROZEN, num_layers:
             seen += len(pos)
             if step % 10 == 0:
                 el = time.perf_counter() - t0
-                log(f"  step {step}/{total} kl {float(kl):.3f} train-agree {int(agree) / len(pos):.3f} "
+                log(f"  step {step}/{total} kl {float(kl.detach()):.3f} train-agree {int(agree) / len(pos):.3f} "
                     f"{seen / el:.0f} pos/s {el:.0f}s")
             if step % eval_every == 0 or step == total:
                 history.append({"step": step, **evaluate_adapter(adapter, head, held, frozen)})
                 log(f"  step {step}/{total} held-out {history[-1]}")
+                if history[-1]["top1_agreement"] >= max(h["top1_agreement"] for h in history):
+                    best = {k: v.detach().clone() for k, v in adapter.state_dict().items()}, step
+                    if on_best is not None:
+                        on_best(adapter, history)
             if time_limit_s and time.perf_counter() - t0 > time_limit_s:
                 total = step
                 break
     if history[-1]["step"] != step:
         history.append({"step": step, **evaluate_adapter(adapter, head, held, frozen)})
+        if history[-1]["top1_agreement"] >= max(h["top1_agreement"] for h in history):
+            best = {k: v.detach().clone() for k, v in adapter.state_dict().items()}, step
+    if best is not None:                               # keep the best held-out agreement seen
+        adapter.load_state_dict(best[0])
     return adapter, {"frozen": frozen, "adapter_layers": num_layers, "init": init, "source_layers":
                      adapter.source_layers, "epochs": epochs, "steps": step, "lr": lr, "max_tokens": max_tokens,
-                     "train_s": round(time.perf_counter() - t0, 1), "history": history}
+                     "num_negatives": num_negatives,
+                     "train_s": round(time.perf_counter() - t0, 1), "best_step": best[1] if best else 0,
+                     "history": history}
 
 
 # ------------------------------------------------------------------------------------ stage 5: save and load
@@ -460,7 +539,8 @@ def evaluate_draft(weights: Path = DEFAULT_WEIGHTS, work: Path | None = None, ti
     result = {"recipe": {k: v for k, v in info.items() if k != "history"}}
     answers = None
     if work is not None and (work / "answers-held_out-greedy.json").exists():
-        answers = {m: json.loads((work / f"answers-held_out-{m}.json").read_text()) for m in ("greedy", "sampled")}
+        answers = {m: json.loads((work / f"answers-held_out-{m}.json").read_text()) for m in ("greedy", "sampled")
+                   if (work / f"answers-held_out-{m}.json").exists()}
     if answers is None:
         held = build_prompts()[1]
         answers = {"greedy": generate_answers(target, tok, held, sample=False, seed=1, log=lambda *a: None)}
@@ -473,13 +553,23 @@ def evaluate_draft(weights: Path = DEFAULT_WEIGHTS, work: Path | None = None, ti
 
 
 def build(work: Path, out: Path, frozen: int = NUM_FROZEN, num_layers: int = NUM_ADAPTER, init: str = "next",
-          epochs: float = 3.0, lr: float = 3e-4, time_limit_s: float | None = None, log=print) -> dict:
+          epochs: float = 4.0, lr: float = 3e-4, max_tokens: int = 1024, time_limit_s: float | None = None,
+          log=print) -> dict:
     t0 = time.perf_counter()
-    data = stage_answers(work, log=log)
-    feats = stage_features(work, data, frozen=(frozen,), log=log)
+    data = stage_answers(work, frozen=frozen, log=log)
+    feats = stage_features(work, data, frozen=frozen, log=log)
     base, _ = load_base()
+    recipe = dict(base=BASE_KEY, top_k=TOP_K, max_new=MAX_NEW, sample_temperature=SAMPLE_TEMPERATURE,
+                  train_sequences=len(data["train"]), held_out_sequences=len(data["held_out"]))
+
+    def checkpoint(adapter, history):                # the best so far, usable if the build is cut short
+        save_draft(adapter, dict(recipe, frozen=frozen, adapter_layers=num_layers, init=init, partial=True,
+                                 history=history, build_s=round(time.perf_counter() - t0, 1)), out)
+        log(f"  checkpoint {out}")
+
     adapter, info = train_adapter(base, feats, frozen=frozen, num_layers=num_layers, init=init, epochs=epochs, lr=lr,
-                                  time_limit_s=time_limit_s, log=log)
+                                  max_tokens=max_tokens, time_limit_s=time_limit_s, eval_every=60,
+                                  on_best=checkpoint, log=log)
     info.update(base=BASE_KEY, top_k=TOP_K, max_new=MAX_NEW, sample_temperature=SAMPLE_TEMPERATURE,
                 train_sequences=len(data["train"]), held_out_sequences=len(data["held_out"]),
                 build_s=round(time.perf_counter() - t0, 1))
@@ -498,7 +588,8 @@ def main(argv=None) -> int:
     ap.add_argument("--frozen", type=int, default=NUM_FROZEN)
     ap.add_argument("--adapter-layers", type=int, default=NUM_ADAPTER)
     ap.add_argument("--init", choices=["next", "last"], default="next")
-    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--epochs", type=float, default=4.0)
+    ap.add_argument("--max-tokens", type=int, default=1024, help="padded tokens per training batch")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
     ap.add_argument("--no-timing", action="store_true")
@@ -508,12 +599,12 @@ def main(argv=None) -> int:
     work = Path(args.work or cache_root() / "draft-build")
     work.mkdir(parents=True, exist_ok=True)
     if args.command == "answers":
-        stage_answers(work)
+        stage_answers(work, frozen=args.frozen)
     elif args.command == "features":
-        stage_features(work, stage_answers(work), frozen=(args.frozen,))
+        stage_features(work, stage_answers(work, frozen=args.frozen), frozen=args.frozen)
     elif args.command == "build":
         build(work, Path(args.out), frozen=args.frozen, num_layers=args.adapter_layers, init=args.init,
-              epochs=args.epochs, lr=args.lr, time_limit_s=args.time_limit)
+              epochs=args.epochs, lr=args.lr, max_tokens=args.max_tokens, time_limit_s=args.time_limit)
     else:
         print(json.dumps(evaluate_draft(Path(args.weights), work, timing=not args.no_timing), indent=2))
     return 0

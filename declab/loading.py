@@ -106,6 +106,9 @@ def load_lm(spec: ModelSpec) -> tuple[LM, dict]:
         from declab.fake import FakeLM
         return FakeLM(key=spec.key, spec=spec, delay_s=float(os.environ.get("DECLAB_FAKE_DELAY", "0"))), {
             "load_s": time.perf_counter() - t0, "source": spec.source_text, "cached": True}
+    if "draft" in spec.source:                    # a draft built on another entry's weights (declab/draft.py)
+        from declab.draft import load_draft_lm
+        return load_draft_lm(spec)
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
     qconfig = _quantization_config(spec, device)

@@ -21,7 +21,8 @@ FIELDS = ("source", "dtype", "quantization", "device", "chat", "context_length",
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One models.yaml entry. `source` is {'hub': id} | {'path': folder} | {'package': pkg, 'gguf': file}."""
+    """One models.yaml entry. `source` is {'hub': id} | {'path': folder} | {'package': pkg, 'gguf': file} |
+    {'draft': weights file, 'base': key} (a draft built on another entry's weights, declab/draft.py)."""
 
     key: str
     source: dict
@@ -43,6 +44,8 @@ class ModelSpec:
             return f"folder {self.source['path']}"
         if "fake" in self.source:
             return f"scripted fake model ({self.source['fake']})"
+        if "draft" in self.source:
+            return f"draft {self.source['draft']} on {self.source['base']}"
         return f"package {self.source['package']} ({self.source['gguf']})"
 
 
@@ -69,11 +72,13 @@ def _entry(key: str, raw, where: str) -> ModelSpec:
     source = raw.get("source")
     if not isinstance(source, dict):
         bad("source", "required: {hub: ID} | {path: FOLDER} | {package: PKG, gguf: FILE}")
-    kinds = [k for k in ("hub", "path", "package", "fake") if k in source]
+    kinds = [k for k in ("hub", "path", "package", "draft", "fake") if k in source]
     if len(kinds) != 1:
-        bad("source", "give exactly one of hub, path, package (or fake, for tests)")
+        bad("source", "give exactly one of hub, path, package, draft (or fake, for tests)")
     if kinds[0] == "package" and not source.get("gguf"):
         bad("source", "a package source needs a gguf file name")
+    if kinds[0] == "draft" and not source.get("base"):
+        bad("source", "a draft source needs the key of its base model (base: KEY)")
     for field, allowed in (("dtype", DTYPES), ("quantization", QUANTIZATIONS), ("device", DEVICES)):
         if raw.get(field, allowed[0]) not in allowed:
             bad(field, f"must be one of {', '.join(allowed)}, got {raw.get(field)!r}")
@@ -109,6 +114,8 @@ def load_registry(path: str | Path | None = None) -> Registry:
         for p in spec.pairs:
             if p not in models:
                 raise UserError(f"{path}: model '{spec.key}', field 'pairs': unknown model '{p}'")
+        if "draft" in spec.source and spec.source["base"] not in models:
+            raise UserError(f"{path}: model '{spec.key}', field 'source': unknown base model '{spec.source['base']}'")
     default = raw.get("default", next(iter(models)))
     if default not in models:
         raise UserError(f"{path}: default '{default}' is not a model in the file")

@@ -45,8 +45,10 @@ Trace, per round r (`round` column), with `draft_pos` i = 1..gamma:
 * `propose` rows: the drafted token, `q` (its warped draft probability), the draft's unwarped `logprob` and
   `entropy`, `confidence`, `draft_ms`, `gamma` (draft length allowed this round), model = the drafter;
 * one `accept` / `reject` row per drafted token: `p` and `q` (warped), `accept_prob` = min(1, p/q), `u` (the
-  uniform draw; none in greedy mode), `verdict` accepted | rejected (failed the test) | discarded (after an earlier
-  rejection), the target's unwarped `logprob` / `entropy`; `verify_ms` on the round's first row;
+  uniform draw), `verdict` accepted | rejected (failed the test) | discarded (after an earlier rejection), the
+  target's unwarped `logprob` / `entropy`; `verify_ms` on the round's first row. In greedy mode (temperature 0)
+  `p` and `q` are the two models' unwarped probabilities of the drafted token, `accept_prob` is 1 (argmax match)
+  or 0, and there is no `u`;
 * one `token` row per emitted token with `origin` accepted | resampled (drawn from the residual at the first
   rejection; in greedy mode the target's argmax there) | bonus, the target's logprob and entropy.
 `step` is the index of the generated token the row is about (drafted tokens: the position they would take).
