@@ -21,10 +21,9 @@ from viz.common import PALETTE, chosen_path, fmt, has, meta_params, num, rows_of
 from viz.timeline import threshold_lines
 from viz.contrastive_search import contrastive_search_figure
 from viz.momentum import momentum_figure
-from viz.uscd import contrastive_figure, uscd_figure
-from viz.grammar import asap_figure, gcd_figure
-from viz.superposed import superposed_figure
 from viz.two_model import ead_figure, speculative_figure
+from viz.uscd import contrastive_figure, uscd_figure
+from viz.superposed import superposed_figure
 
 
 def mirostat_figure(frame: pd.DataFrame, meta: dict | None = None) -> go.Figure | None:
@@ -103,8 +102,6 @@ MECHANISMS = {
     "contrastive_search": (("degeneration_penalty",), contrastive_search_figure),
     "uscd": (("sum_sq", "contrast"), uscd_figure),
     "contrastive": (("head_size", "flip"), contrastive_figure),
-    "gcd": (("p_gcd", "masked_mass"), gcd_figure),
-    "asap": (("p_asap", "efg_after"), asap_figure),
     "superposed": (("weight", "weight_entropy"), superposed_figure),
     "speculative": (("origin", "round"), speculative_figure),
     "ead": (("rolling_entropy",), ead_figure),
