@@ -43,9 +43,16 @@ def one(lm, strategy: str, params: dict, tokens: int, prompt: str, seed: int = 0
     wall = time.perf_counter() - t0
     if res.status != "ok":
         raise RuntimeError(f"{strategy}: {res.status} {res.error}")
-    print(f"    {strategy} {params} seed {seed}: {len(res.sequences[0].token_ids)} tokens in {wall:.1f} s",
-          file=sys.stderr, flush=True)
+    print(f"    {strategy} {params} seed {seed}: {len(res.sequences[0].token_ids)} tokens in {wall:.1f} s, "
+          f"median step {median_step_ms(res):.1f} ms", file=sys.stderr, flush=True)
     return wall, res
+
+
+def median_step_ms(res) -> float:
+    """Median over steps of forward + selection time (the trace's dt_ms of each step's first token row): less
+    sensitive than whole-run wall time to load swings on a shared machine."""
+    tokens = res.frame[res.frame.kind == "token"]
+    return float(tokens.groupby("step").dt_ms.first().iloc[1:].median())
 
 
 def perplexity(lm, prompt_ids: list[int], gen: list[int]) -> float:
@@ -76,24 +83,29 @@ def main(argv=None) -> int:
     one(lm, "sample", NUCLEUS, 2, args.prompt)
 
     walls: dict[str, list[float]] = {"greedy": [], "superposed": [], "superposed_alpha0": [], "nucleus_x3": []}
+    step_ms: dict[str, list[float]] = {"greedy": [], "superposed": [], "superposed_alpha0": [], "nucleus": []}
     kept: dict[str, object] = {}
     nucleus_texts: list[list[int]] = []
     for rep in range(args.reps):                                      # interleaved
         w, res = one(lm, "greedy", {}, N, args.prompt)
         walls["greedy"].append(w)
+        step_ms["greedy"].append(median_step_ms(res))
         kept["greedy"] = res
         w, res = one(lm, "superposed", spd, N, args.prompt)
         walls["superposed"].append(w)
+        step_ms["superposed"].append(median_step_ms(res))
         kept["superposed"] = res
         if not args.skip_alpha0:
             w, res = one(lm, "superposed", spd0, N, args.prompt)
             walls["superposed_alpha0"].append(w)
+            step_ms["superposed_alpha0"].append(median_step_ms(res))
             kept["superposed_alpha0"] = res
         total = 0.0
         for i in range(K):
             w, res = one(lm, "sample", NUCLEUS, N, args.prompt, seed=1000 * rep + i)
             n = max(1, len(res.sequences[0].token_ids))
             total += w * N / n
+            step_ms["nucleus"].append(median_step_ms(res))
             nucleus_texts.append(res.sequences[0].token_ids)
         walls["nucleus_x3"].append(total)
     med = {k: statistics.median(v) if v else float("nan") for k, v in walls.items()}
@@ -121,6 +133,12 @@ def main(argv=None) -> int:
     print(f"  superposed(a=0) / greedy     {table['superposed_alpha0_vs_greedy']:8.3f}")
     print(f"  3 nucleus / superposed       {table['nucleus_x3_vs_superposed']:8.3f}   (target >= 2.4)")
     print(f"  3 nucleus / superposed(a=0)  {table['nucleus_x3_vs_superposed_alpha0']:8.3f}")
+    steps = {k: statistics.median(v) if v else float("nan") for k, v in step_ms.items()}
+    table["step_ms"] = steps
+    table["step_superposed_vs_greedy"] = steps["superposed"] / steps["greedy"]
+    print(f"  median step ms: greedy {steps['greedy']:.1f}, superposed {steps['superposed']:.1f} "
+          f"({table['step_superposed_vs_greedy']:.3f}x), superposed(a=0) {steps['superposed_alpha0']:.1f}, "
+          f"nucleus {steps['nucleus']:.1f}")
     print("perplexity under the model (exp mean NLL of the continuation):")
     for key, vals in ppl.items():
         show = ", ".join(f"{v:.2f}" for v in vals)
