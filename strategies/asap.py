@@ -63,13 +63,7 @@ class AsapRule(Rule):
     reports_efg = True
 
     def weights(self, node: Node) -> torch.Tensor | None:
-        w = node.probs
-        if node.children:
-            kids = list(node.children.values())
-            pos = torch.tensor([c.pos for c in kids], dtype=torch.long)
-            efg = torch.tensor([c.efg for c in kids], dtype=torch.float64)
-            w = w.clone()
-            w[pos] = w[pos] * efg
+        w = node.probs * node.child_efg if node.children else node.probs
         total = float(w.sum())
         return w / total if total > 0.0 else None
 

@@ -58,6 +58,7 @@ sequence of the target: `seq` ids, `q`, `q_gcd` (exact mode), `p_w` = P(w), `cou
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import threading
@@ -67,6 +68,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from declab.errors import UserError
@@ -77,7 +79,7 @@ GRAMMAR_DIR = Path(__file__).resolve().parent / "grammars"
 DEFAULT_GRAMMAR = "json"
 MAX_GRAMMAR_CHARS = 100_000
 MAX_SAMPLES = 5000
-TRIE_CACHE_ENTRIES = 8_000_000      # allowed tokens with cached P(t|u) kept by asap (~100 MB), LRU beyond that
+TRIE_CACHE_ENTRIES = 4_000_000      # allowed tokens with cached P(t|u) kept by asap (~100 MB), LRU beyond that
 MAX_NODE_ROWS = 2000                # `node` rows written (breadth-first)
 MAX_TARGET_ROWS = 2000              # `target` rows written (largest q first)
 KL_POINTS = 200                     # `kl` rows at most (sample counts on a log/linear grid)
@@ -224,16 +226,16 @@ class GrammarMask:
         self.vocab_size = int(lm.vocab_size)
         self.matcher = xg.GrammarMatcher(compiled)
         self.bitmask = xg.allocate_token_bitmask(1, self.vocab_size)            # [1, ceil(V/32)] int32
-        self.shifts = torch.arange(32, dtype=torch.int32)
 
     def reset(self) -> None:
         self.matcher.reset()
 
     def allowed(self) -> torch.Tensor:
-        """[A] long, ascending."""
+        """[A] long, ascending. (Bit j of word i is token 32 i + j; numpy's single-threaded unpackbits, ~0.2 ms
+        for 49k tokens, because torch's parallel shift-and-mask stalls for tens of ms on an oversubscribed CPU.)"""
         self.matcher.fill_next_token_bitmask(self.bitmask)
-        bits = (self.bitmask[0].unsqueeze(1) >> self.shifts) & 1                 # [W, 32]
-        return bits.reshape(-1)[: self.vocab_size].nonzero().view(-1)
+        bits = np.unpackbits(self.bitmask[0].numpy().view(np.uint8), bitorder="little")[: self.vocab_size]
+        return torch.from_numpy(np.flatnonzero(bits))
 
     def accept(self, token: int) -> None:
         if not self.matcher.accept_token(int(token)):
@@ -254,10 +256,11 @@ def parses(lm, grammar_text: str, token_ids, eos_id: int | None = None) -> bool:
 
 
 def allowed_probs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """P(t|u) of the allowed ids: the full-vocabulary softmax of logits / temperature, unmasked. [A] float64.
+    """P(t|u) of the allowed ids: the full-vocabulary softmax of logits / temperature, unmasked, in float64. [A].
     (One function for the sampler and for exact mode, so both see the same numbers.)"""
+    logits = logits.double()
     logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, -1)
-    return logp[ids].double().exp()
+    return logp[ids].exp()
 
 
 def gcd_probs(probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -275,10 +278,11 @@ def gcd_probs(probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.
 class Node:
     """A prefix u of generated tokens. `p` = P(token|parent); `mass` = sum over allowed t of P(t|u) once expanded;
     `efg` = EFG~(u): 1 until expanded, then mass - sum over visited children of p_c (1 - efg_c), 0 when dead.
-    `ids`/`probs`: the cached distribution (allowed ids, their P), None when not cached."""
+    `ids`/`probs`: the cached distribution (allowed ids, their P), None when not cached; `child_efg`: EFG~ of each
+    allowed child ([A] float64, 1 for children never visited), kept beside it."""
 
     __slots__ = ("parent", "token", "pos", "depth", "p", "children", "mass", "efg", "ids", "probs", "raw_logp",
-                 "entropy", "visits", "dead", "node_id")
+                 "child_efg", "entropy", "visits", "dead", "node_id")
 
     def __init__(self, parent, token: int | None, pos: int, p: float, node_id: int):
         self.parent, self.token, self.pos, self.p, self.node_id = parent, token, pos, p, node_id
@@ -286,7 +290,7 @@ class Node:
         self.children: dict[int, Node] = {}
         self.mass: float | None = None
         self.efg = 1.0
-        self.ids = self.probs = self.raw_logp = None
+        self.ids = self.probs = self.raw_logp = self.child_efg = None
         self.entropy = float("nan")
         self.visits = 0
         self.dead = False
@@ -302,10 +306,10 @@ class Node:
 class Trie:
     """The prefix trie of one run, with EFG~ bookkeeping and an LRU cache of node distributions."""
 
-    def __init__(self, cache_entries: int = TRIE_CACHE_ENTRIES):
+    def __init__(self, cache_entries: int | None = None):
         self.root = Node(None, None, -1, 1.0, 0)
         self.size = 1
-        self.cache_entries = cache_entries
+        self.cache_entries = TRIE_CACHE_ENTRIES if cache_entries is None else cache_entries
         self.cached: OrderedDict[int, Node] = OrderedDict()
         self.entries = 0
 
@@ -331,12 +335,18 @@ class Trie:
         """Recompute EFG~ of `node` and of every ancestor (each only decreases)."""
         while node is not None:
             node.efg = self.recompute(node)
-            node = node.parent
+            parent = node.parent
+            if parent is not None and parent.child_efg is not None:
+                parent.child_efg[node.pos] = node.efg
+            node = parent
 
     def expand(self, node: Node, ids: torch.Tensor, probs: torch.Tensor, raw_logp, entropy: float,
                keep: bool) -> None:
         """Store the allowed ids and P at `node` (first visit, or a revisit after eviction); update EFG~."""
         node.ids, node.probs, node.raw_logp, node.entropy = ids, probs, raw_logp, entropy
+        node.child_efg = torch.ones_like(probs)
+        for c in node.children.values():
+            node.child_efg[c.pos] = c.efg
         if node.mass is None:
             node.mass = float(probs.sum())
             self.propagate(node)
@@ -346,7 +356,7 @@ class Trie:
             while self.entries > self.cache_entries and len(self.cached) > 1:   # `node` is the newest: kept
                 _, old = self.cached.popitem(last=False)
                 self.entries -= len(old.ids)
-                old.ids = old.probs = old.raw_logp = None
+                old.ids = old.probs = old.raw_logp = old.child_efg = None
 
     def touch(self, node: Node) -> None:
         if node.node_id in self.cached:
@@ -354,7 +364,7 @@ class Trie:
 
     def drop(self, node: Node) -> None:
         """Forget a node's distribution (gcd keeps none)."""
-        node.ids = node.probs = node.raw_logp = None
+        node.ids = node.probs = node.raw_logp = node.child_efg = None
 
     def kill(self, node: Node) -> None:
         """Nothing grammatical lies below `node` within the budget: EFG~ = 0, propagated."""
@@ -381,6 +391,24 @@ class Rule:
     def weights(self, node: Node) -> torch.Tensor | None:
         """The sampling distribution over node.ids ([A] float64, sums to 1), or None if it has no mass."""
         raise NotImplementedError
+
+
+def draw_index(q: torch.Tensor, generator: torch.Generator) -> int:
+    """One index drawn from the distribution q ([A], sums to 1) by inverse CDF with one uniform from the run's
+    generator (gcd and asap draw the same way, so equal distributions give equal draws). Zero entries are never
+    drawn."""
+    u = float(torch.rand((), dtype=torch.float64, generator=generator))
+    if len(q) <= 64:                                   # small sets: plain Python is faster than torch ops
+        values = q.tolist()
+        x, acc = u * sum(values), 0.0
+        for i, v in enumerate(values):
+            acc += v
+            if x < acc:
+                return i
+        return max(i for i, v in enumerate(values) if v > 0)
+    c = torch.cumsum(q, 0)
+    i = int(torch.searchsorted(c, u * c[-1], right=True))
+    return i if i < len(q) else int(torch.nonzero(q).max())
 
 
 # ================================================================================================ the loop
@@ -416,6 +444,9 @@ def run_grammar(ctx: RunContext, cfg, rule: Rule) -> RunGen:
     eos_ids = lm.eos_ids
     temperature = float(getattr(cfg, "temperature", 1.0))
     n_prompt = len(ctx.prompt_ids)
+    if not len(mask.allowed()):
+        raise UserError(f"grammar '{label}' allows no token of model '{lm.key}' at the start: this vocabulary cannot "
+                        f"begin any sentence of it")
     out = lm.prefill(ctx.prompt_ids)
     root_logits, cache, prefill_ms = out.logits[0], out.cache, out.fwd_ms
     global_step = 0
@@ -462,10 +493,11 @@ def run_grammar(ctx: RunContext, cfg, rule: Rule) -> RunGen:
             if q is None:                                                        # every child known dead
                 trie.kill(node)
                 break
-            idx = int(torch.multinomial(q, 1, generator=ctx.generator))
+            idx = draw_index(q, ctx.generator)
             token = int(ids[idx])
             p_tok = float(probs[idx])
-            p_gcd = float(q[idx]) if rule.is_gcd else p_tok / node.mass
+            q_tok = float(q[idx])
+            p_gcd = q_tok if rule.is_gcd else p_tok / node.mass
             child = trie.child(node, idx, token, p_tok)
             efg_child = child.efg
             child.visits += 1
@@ -477,10 +509,10 @@ def run_grammar(ctx: RunContext, cfg, rule: Rule) -> RunGen:
             cols = {"sample": i, "allowed": len(ids), "masked_mass": max(0.0, 1.0 - node.mass), "p_gcd": p_gcd,
                     "cached": cached, "fwd_ms": fwd_ms, "mask_ms": mask_ms, "sel_ms": sel_ms}
             if rule.reports_efg:
-                cols.update(p_asap=float(q[idx]), efg_before=efg_before, efg_after=node.efg, efg_child=efg_child)
+                cols.update(p_asap=q_tok, efg_before=efg_before, efg_after=node.efg, efg_child=efg_child)
             trace.add("token", step, branch_id=i, parent_id=i, position=n_prompt + step, token_id=token,
                       token_text=lm.token_text(token), logprob=raw_lp, entropy=node.entropy,
-                      score=math.log(float(q[idx])), accepted=True, dt_ms=fwd_ms + mask_ms + sel_ms, **cols)
+                      score=math.log(q_tok), accepted=True, dt_ms=fwd_ms + mask_ms + sel_ms, **cols)
             _candidates(ctx, trie, rule, node, q, token, i, step, n_prompt)
             if not rule.caches:
                 trie.drop(node)
@@ -507,7 +539,8 @@ def run_grammar(ctx: RunContext, cfg, rule: Rule) -> RunGen:
         trace.add("finish", last_step, branch_id=i, parent_id=i, score=loglik, final_rank=i, sample=i,
                   complete=complete, length=len(tokens), efg_root=trie.root.efg, trie_nodes=trie.size)
         yield Progress(global_step, list(tokens))
-    _after_sampling(ctx, cfg, rule, result, root_logits, temperature)
+    lm.crop(cache, n_prompt)
+    _after_sampling(ctx, cfg, rule, result, root_logits, cache, temperature)
     return [Sequence(token_ids=s.tokens, score=s.loglik, extra={"sample": k, "complete": s.complete})
             for k, s in enumerate(result.samples)]
 
@@ -517,16 +550,29 @@ def _candidates(ctx, trie, rule, node, q, token, sample, step, n_prompt) -> None
     k = min(ctx.num_alternatives, len(q))
     if k <= 0:
         return
-    top = torch.topk(q, k)
+    if len(q) <= 64:                                  # small sets: Python lists beat tensor indexing
+        values = q.tolist()
+        positions = sorted(range(len(values)), key=lambda j: -values[j])[:k]
+        top_q = [values[j] for j in positions]
+
+        def pick(t):
+            full = t.tolist()
+            return [full[j] for j in positions]
+    else:
+        top = torch.topk(q, k)
+        top_q, positions = top.values.tolist(), top.indices.tolist()
+
+        def pick(t):
+            return t[positions].tolist()
+    ids, probs = pick(node.ids), pick(node.probs)
+    raw = None if node.raw_logp is None else pick(node.raw_logp)
+    efgs = pick(node.child_efg) if rule.reports_efg else None
     lm, mass = ctx.lm, node.mass
-    for rank, (qv, pos) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
-        tid = int(node.ids[pos])
-        p = float(node.probs[pos])
-        raw_lp = math.log(p) if node.raw_logp is None else float(node.raw_logp[pos])
+    for rank, (qv, tid, p) in enumerate(zip(top_q, ids, probs)):
+        raw_lp = math.log(p) if raw is None else raw[rank]
         cols = {"p_gcd": qv if rule.is_gcd else p / mass, "rank": rank}
         if rule.reports_efg:
-            c = node.children.get(tid)
-            cols.update(p_asap=qv, efg=1.0 if c is None else c.efg)
+            cols.update(p_asap=qv, efg=efgs[rank])
         ctx.trace.add("candidate", step, branch_id=sample, parent_id=sample, position=n_prompt + step,
                       token_id=tid, token_text=lm.token_text(tid), logprob=raw_lp, entropy=node.entropy,
                       score=math.log(qv) if qv > 0 else float("-inf"), accepted=(tid == token), **cols)
@@ -569,9 +615,10 @@ def language_prefixes(lm, compiled, max_new_tokens: int, max_nodes: int) -> dict
 
 def exact_distribution(lm, compiled, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
                        max_nodes: int = 256, root_logits: torch.Tensor | None = None, top_k: int = 0,
-                       top_p: float = 1.0) -> ExactResult | None:
-    """Exact Q, GCD's distribution and EFG by enumeration (one batched forward per depth), or None when the
-    language within the budget has more than max_nodes prefixes."""
+                       top_p: float = 1.0, prompt_cache=None) -> ExactResult | None:
+    """Exact Q, GCD's distribution and EFG by enumeration (one batched forward per depth and chunk, on a copy of
+    the prompt's KV cache: `prompt_cache` holding exactly the prompt, else one prefill), or None when the language
+    within the budget has more than max_nodes prefixes."""
     internal = language_prefixes(lm, compiled, max_new_tokens, max_nodes)
     if internal is None:
         return None
@@ -580,13 +627,17 @@ def exact_distribution(lm, compiled, prompt_ids: list[int], max_new_tokens: int,
     by_depth: dict[int, list[tuple]] = {}
     for u in internal:
         by_depth.setdefault(len(u), []).append(u)
+    if root_logits is None or (prompt_cache is None and len(by_depth) > 1):
+        out = lm.prefill(list(prompt_ids))
+        root_logits, prompt_cache = out.logits[0], out.cache
+    probs[()] = allowed_probs(root_logits, internal[()], temperature)
     for depth, prefixes in sorted(by_depth.items()):
-        if depth == 0 and root_logits is not None:
-            probs[()] = allowed_probs(root_logits, internal[()], temperature)
+        if depth == 0:
             continue
         for k in range(0, len(prefixes), EXACT_BATCH):
             chunk = prefixes[k: k + EXACT_BATCH]
-            out = lm.prefill([list(prompt_ids) + list(u) for u in chunk])
+            cache = lm.fork(copy.deepcopy(prompt_cache), len(chunk))
+            out = lm.step([list(u) for u in chunk], cache)
             for row, u in enumerate(chunk):
                 probs[u] = allowed_probs(out.logits[row], internal[u], temperature)
     efg: dict[tuple, float] = {}
@@ -668,14 +719,14 @@ def explored_target(samples: list[SampleResult]) -> tuple[dict, dict]:
     return ({k: v / z for k, v in p.items()} if z > 0 else {}), p
 
 
-def _after_sampling(ctx, cfg, rule: Rule, result: GrammarRun, root_logits, temperature: float) -> None:
+def _after_sampling(ctx, cfg, rule: Rule, result: GrammarRun, root_logits, prompt_cache, temperature: float) -> None:
     """Exact or explored-support target, kl / target / node rows, run metrics."""
     lm, trace, samples = ctx.lm, ctx.trace, result.samples
     exact = None
     if cfg.exact_max_nodes > 0 and samples and not ctx.stop.is_set():
         exact = exact_distribution(lm, compiled_grammar(lm, result.text), ctx.prompt_ids, ctx.max_new_tokens,
                                    temperature, cfg.exact_max_nodes, root_logits,
-                                   getattr(cfg, "top_k", 0), getattr(cfg, "top_p", 1.0))
+                                   getattr(cfg, "top_k", 0), getattr(cfg, "top_p", 1.0), prompt_cache)
     result.exact = exact
     if exact is not None:
         target, p_w, q_gcd = exact.q, exact.p, exact.q_gcd

@@ -9,6 +9,8 @@ gets its view whatever its name; add an entry here when a strategy lands (see al
   group, and the
   per-step collisions (chosen tokens also chosen by an earlier group at the same step; computed from token_id
   when there is no collisions column).
+- gcd / asap (p_gcd + masked_mass / p_asap + efg_after): viz.grammar; KL to the target against samples, the
+  distributions, EFG~(root) and the prefix trie (the gcd view steps aside for asap runs).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from viz.common import PALETTE, chosen_path, fmt, has, meta_params, num, rows_of
 from viz.timeline import threshold_lines
 from viz.contrastive_search import contrastive_search_figure
 from viz.momentum import momentum_figure
+from viz.grammar import asap_figure, gcd_figure
 from viz.two_model import ead_figure, speculative_figure
 from viz.uscd import contrastive_figure, uscd_figure
 from viz.superposed import superposed_figure
@@ -100,6 +103,8 @@ MECHANISMS = {
     "diverse_beam": (("group", "penalty"), diverse_beam_figure),
     "momentum": (("repeat_len", "resistance"), momentum_figure),
     "contrastive_search": (("degeneration_penalty",), contrastive_search_figure),
+    "gcd": (("p_gcd", "masked_mass"), gcd_figure),
+    "asap": (("p_asap", "efg_after"), asap_figure),
     "uscd": (("sum_sq", "contrast"), uscd_figure),
     "contrastive": (("head_size", "flip"), contrastive_figure),
     "superposed": (("weight", "weight_entropy"), superposed_figure),
