@@ -24,7 +24,8 @@ The loop (`run_grammar`), per sample i = 0 .. num_samples-1, all samples one aft
         and EFG~(u) <- sum_allowed P(t|u) * EFG~(u.t), propagated to every ancestor
     q = rule.weights(u)            gcd: P restricted to the allowed set (then top-k / top-p), renormalised
                                    asap: P(t|u) * EFG~(u.t), renormalised
-    t ~ q (the run's seeded generator); stop at EOS; else accept t in the matcher and go to u.t
+    t ~ q (inverse CDF with one uniform from the run's seeded generator, the same for both strategies, so equal
+        distributions give equal draws); stop at EOS; else accept t in the matcher and go to u.t
   a sample that reaches max_new_tokens without EOS, or a node with no allowed token, marks its last node dead
   (EFG~ = 0): within this token budget nothing grammatical lies below it.
 EFG~ of a node is kept as mass(u) - sum over visited children c of P(c|u) * (1 - EFG~(c)), which equals
@@ -35,11 +36,17 @@ TRIE_CACHE_ENTRIES allowed tokens in all (an evicted node is recomputed on its n
 
 Exact mode (`exact_max_nodes` > 0): after sampling, if every grammatical token sequence that fits in
 max_new_tokens (EOS included) lies in a trie of at most `exact_max_nodes` prefixes (checked with the matcher alone,
-no model), the model scores every prefix (one batched forward per depth) and the run records the exact
+no model), the model scores every prefix (one batched forward per depth on a copy of the prompt's KV cache) and
+the run records the exact
 grammar-conditioned distribution Q(w) = P(w) 1[w in L] / Z, GCD's exact sampling distribution, and
 KL(empirical || Q) against the number of samples. Otherwise it records the paper's explored-support
 approximation instead (algorithms.md 7.3: the support is the distinct complete samples of this run, each
-weighted by its likelihood P(w), renormalised) and says so (`exact` = False on the kl rows).
+weighted by its likelihood P(w), renormalised) and says so (`exact` = False on the kl rows). Differences from the
+paper's evaluation, on purpose: outcomes are token sequences (two tokenisations of one string are two outcomes,
+as in Q's definition over P); the explored support is this run's own samples (the paper pools ASAp's and GCD's,
+which needs two runs: put them side by side on the Compare page, or see bench/grammar.py); the empirical
+distribution counts complete samples only (a sample cut by the budget is outside L and is counted in
+`incomplete`).
 
 Trace rows (besides the base columns): `token` rows per step of every sample, branch_id = parent_id = sample index,
 step = position in the sample: `sample`, `allowed` (allowed-token count), `masked_mass` (1 - sum_allowed P(t|u)),
@@ -53,7 +60,7 @@ index (samples stay in the order drawn), `complete`, `length`, `efg_root`, `trie
 (`samples` = n, `kl` = KL(empirical of the first n complete samples || target) in nats, `kl_window` = the same
 over the last ceil(n/4) samples as the paper's plot, `exact`, `support`, `incomplete`), `target` rows (one per
 sequence of the target: `seq` ids, `q`, `q_gcd` (exact mode), `p_w` = P(w), `count`), and `node` rows (the trie:
-`node_id`, `node_parent`, `depth`, `p`, `efg` (asap), `visits`, `dead`). Non-token rows have no step.
+`node_id`, `node_parent`, `depth`, `p`, `efg` (asap), `visits`, `dead`); these three kinds have no step.
 """
 
 from __future__ import annotations
