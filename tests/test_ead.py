@@ -202,15 +202,6 @@ def test_cli_runs_ead_with_the_default_pair(fake_registry, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- embedded model
-@pytest.fixture(scope="session")
-def draft_lm():
-    from declab.registry import load_registry
-    from declab.runner import get_lm
-    if "smollm2-135m-draft" not in load_registry().models:
-        pytest.skip("the trained embedded draft (issue 12) is not in models.yaml yet")
-    return get_lm("smollm2-135m-draft")
-
-
 @pytest.mark.model
 def test_threshold_extremes_on_the_embedded_model(real_lm, draft_lm):
     prompt = "Give me three tips for staying focused."

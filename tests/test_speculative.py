@@ -353,15 +353,6 @@ def test_cli_runs_speculative_with_the_default_pair(fake_registry, tmp_path, cap
 
 
 # ------------------------------------------------------------------------------------------- embedded model
-@pytest.fixture(scope="session")
-def draft_lm():
-    from declab.registry import load_registry
-    from declab.runner import get_lm
-    if "smollm2-135m-draft" not in load_registry().models:
-        pytest.skip("the trained embedded draft (issue 12) is not in models.yaml yet")
-    return get_lm("smollm2-135m-draft")
-
-
 @pytest.mark.model
 @pytest.mark.parametrize("prompt", ["Explain why the sky is blue.", "Write a Python function that adds two numbers."])
 def test_greedy_speculative_equals_target_greedy_on_the_embedded_model(real_lm, draft_lm, prompt):
