@@ -30,12 +30,17 @@ GPT-2's 50257), k is clamped to [1, V] and computed in log space (2^mu overflows
 limit eps / (1 - N^-eps) -> 1/ln N instead of 0/0, the fit uses at most V ranks, and pairs whose smaller
 probability is exactly 0 (a -inf logit) are left out of the fit. `surprise_from` defaults to `full` for v2 as well:
 only then is the mean surprise against the model held at tau (with `truncated` mu drifts up and the realised
-cross-entropy exceeds tau, algorithms.md 2.3).
+cross-entropy exceeds tau, algorithms.md 2.3). As in both references mu is not bounded: when tau lies outside what
+the context allows (below the surprise of the top token, or above that of sampling the whole distribution) mu winds
+up or down without limit and the kept set sticks at 1 token or at all of them until the text moves back into range.
+The mean of S over a window is exactly tau + (mu at its start - mu at its end) / (eta * length), which is what the
+trace's mu columns show.
 
 Trace (one `token` row per step, besides the base columns): `mu` (before the step), `mu_after`, `surprise` (S in
 bits, from where `surprise_from` says), `error` (S - tau), `surprise_mean` (running mean of S), `k` (v1: tokens kept
-from the Zipf analysis; v2: kept-set size), `s_hat` (v1 only). `logprob` stays the model's untempered ln p of the
-token and `score` is its ln p under the kept set renormalised (what was actually sampled from).
+from the Zipf analysis; v2: kept-set size), `s_hat` (v1 only), `cut_mass` (the probability mass truncation removed,
+1 - sum of the kept p; ~0 means the loop is saturated at "keep everything"). `logprob` stays the model's untempered
+ln p of the token and `score` is its ln p under the kept set renormalised (what was actually sampled from).
 """
 
 from __future__ import annotations
@@ -119,18 +124,25 @@ class Controller:
         extra: dict = {}
         if cfg.version == 1:
             top = torch.topk(logp, self.ranks)                                 # sorted descending
-            s_hat = zipf_exponent(top.values)                                 # host sync 1 (v2: none)
+            s_hat = zipf_exponent(top.values)                                 # host sync 1
             k = reference_round(zipf_k(s_hat, self.mu, self.vocab_size), self.vocab_size)
-            kept_logp, kept_ids = (top.values[:k], top.indices[:k]) if k <= self.ranks else torch.topk(logp, k)
-            token = int(kept_ids[draw(kept_logp, self.generator)])            # host sync 2
+            if k <= self.ranks:
+                kept_logp, kept_ids = top.values[:k], top.indices[:k]         # [k]
+            elif k < self.vocab_size:
+                kept_logp, kept_ids = torch.topk(logp, k)                     # [k]
+            else:
+                kept_logp, kept_ids = logp, None                              # k = V: nothing is cut
+            pick = draw(kept_logp, self.generator)                            # host sync 2
+            token = pick if kept_ids is None else int(kept_ids[pick])
             kept = logp.new_tensor(float(k))
             extra["s_hat"] = s_hat
         else:
             keep = (-logp / LN2) <= self.mu                                    # [V] surprise within mu
             keep.scatter_(0, logp.argmax().unsqueeze(0), True)                # keep >= 1 token (the top one)
-            kept_logp = logp.masked_fill(~keep, float("-inf"))                # [V]
-            token = draw(kept_logp, self.generator)                           # host sync 2
-            kept = keep.sum()
+            kept_ids = keep.nonzero().squeeze(1)                              # [k] ascending ids, host sync 1
+            kept_logp = logp[kept_ids]                                        # [k]
+            token = int(kept_ids[draw(kept_logp, self.generator)])            # host sync 2
+            kept = logp.new_tensor(float(kept_ids.numel()))
         lp, lnorm, k = torch.stack([logp[token].double(), torch.logsumexp(kept_logp, -1).double(),
                                     kept.double()]).tolist()                  # host sync 3
         k = int(k)
@@ -142,7 +154,7 @@ class Controller:
         self.total_surprise += surprise
         self.steps += 1
         extra.update(k=k, mu=mu_before, mu_after=self.mu, surprise=surprise, error=error,
-                     surprise_mean=self.total_surprise / self.steps)
+                     surprise_mean=self.total_surprise / self.steps, cut_mass=max(0.0, -math.expm1(lnorm)))
         return token, score, extra
 
 

@@ -239,6 +239,9 @@ def test_trace_records_the_control_loop(version, surprise_from):
     assert t.mu_after.tolist() == pytest.approx((t.mu - eta * (t.surprise - tau)).tolist())
     assert t.error.tolist() == pytest.approx((t.surprise - tau).tolist())
     assert t.surprise_mean.tolist() == pytest.approx(t.surprise.expanding().mean().tolist())
+    assert ((t.cut_mass >= 0) & (t.cut_mass < 1)).all()
+    # cut mass = 1 - (kept mass) and p_kept(x) = p(x) / kept mass, so cut mass = 1 - exp(logprob - score)
+    assert t.cut_mass.tolist() == pytest.approx((1 - (t.logprob - t.score).map(math.exp)).tolist(), abs=1e-5)
     full = -t.logprob / LN2                                          # logprob is the model's ln p (temperature 1)
     measured = full if surprise_from == "full" else -t.score / LN2
     assert t.surprise.tolist() == pytest.approx(measured.tolist(), abs=1e-5)

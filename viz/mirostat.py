@@ -51,31 +51,37 @@ def repeated_ngram_share(token_ids, n: int = 3) -> np.ndarray:
 def traps_figure(frames: dict[str, pd.DataFrame], tau=None, window: int | None = 32, n: int = 3) -> go.Figure:
     """Rolling surprise (bits, full model distribution) and repeated n-gram share of several runs; dashed line(s)
     at tau (a number or several). Labels are escaped; a run without logprob is left out."""
+    title = "running mean" if window is None else f"mean of the last {int(window)} tokens"
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, row_heights=[0.62, 0.38],
-                        subplot_titles=[f"surprise −log₂p under the model ({'running mean' if window is None else f'mean of the last {int(window)} tokens'})",
+                        subplot_titles=[f"surprise −log₂p under the model ({title})",
                                         f"share of tokens closing a repeated {n}-gram"])
     kept = []
     for i, (label, frame) in enumerate(frames.items()):
         path = chosen_path(frame)
         if not len(path) or not has(path, "logprob"):
             continue
-        kept.append((i, esc(label), path))
-    for i, name, path in kept:
+        dash = None if has(path, "mu") else "dot"        # mirostat (a feedback loop): solid; fixed cuts: dotted
+        kept.append((i, esc(label), path, dash))
+    for i, name, path, dash in kept:
         fig.add_trace(go.Scatter(x=num(path["step"]), y=rolling_surprise(path, window), mode="lines", name=name,
-                                 legendgroup=name, line={"color": PALETTE[i % len(PALETTE)], "width": 2.5},
+                                 legendgroup=name, line={"color": PALETTE[i % len(PALETTE)], "width": 2.5, "dash": dash},
                                  hovertemplate=f"{name}<br>step %{{x}}<br>%{{y:.2f}} bits<extra></extra>"),
                       row=1, col=1)
-    for i, name, path in kept:
+    for i, name, path, dash in kept:
         ids = path["token_id"] if "token_id" in path else pd.Series([np.nan] * len(path))
         fig.add_trace(go.Scatter(x=num(path["step"]), y=repeated_ngram_share(ids, n), mode="lines", name=name,
-                                 legendgroup=name, showlegend=False, line={"color": PALETTE[i % len(PALETTE)]},
+                                 legendgroup=name, showlegend=False,
+                                 line={"color": PALETTE[i % len(PALETTE)], "dash": dash},
                                  hovertemplate=f"{name}<br>step %{{x}}<br>%{{y:.2f}}<extra></extra>"),
                       row=2, col=1)
     values = tau if isinstance(tau, (list, tuple, set)) else ([] if tau is None else [tau])
     for value in sorted({float(v) for v in values if isinstance(v, numbers.Real) and np.isfinite(v)}):
         fig.add_hline(y=value, line_dash="dash", line_color="#444444", annotation_text=f"τ = {value:g}",
-                      annotation_position="top left", row=1, col=1)
+                      annotation_position="bottom right", row=1, col=1)
     fig.update_yaxes(title_text="bits", row=1, col=1)
     fig.update_yaxes(title_text="repeated share", range=[0, 1], row=2, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
-    return style(fig, "Boredom and confusion traps: fixed top-k / top-p drift, mirostat holds τ", height=620)
+    style(fig, "Boredom and confusion traps: fixed top-k / top-p drift, mirostat holds τ", height=620)
+    fig.update_layout(legend={"orientation": "v", "yanchor": "top", "y": 1.0, "xanchor": "left", "x": 1.02},
+                      margin={"r": 230})
+    return fig
