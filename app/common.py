@@ -703,6 +703,20 @@ def read_uploaded_trace(name: str, data: bytes, meta: dict | None) -> pd.DataFra
     return frame
 
 
+def read_upload(trace_file, meta_file) -> tuple[dict | None, pd.DataFrame]:
+    """(metadata or None, trace frame) from a Streamlit trace upload and an optional JSON metadata upload; bad
+    input raises UserError with a one-line message."""
+    meta = None
+    if meta_file is not None:
+        try:
+            meta = json.loads(meta_file.getvalue().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{meta_file.name} is not valid JSON metadata: {e}") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"{meta_file.name} is not declab run metadata (expected a JSON object)")
+    return meta, read_uploaded_trace(trace_file.name, trace_file.getvalue(), meta)
+
+
 def meta_for(frame: pd.DataFrame, meta: dict | None) -> dict:
     """Metadata for a loaded trace; without a JSON file, what the frame itself tells."""
     if meta:

@@ -54,6 +54,7 @@ BASE_KEY = "smollm2-135m-instruct"
 NUM_FROZEN = 4            # E: target layers reused as they are
 NUM_ADAPTER = 2           # A: trained decoder layers
 TOP_K = 64                # teacher log-probs kept per position
+DRAFT_VOCAB = 16384       # tokens the draft's LM head keeps (FR-Spec; 0 = the whole vocabulary)
 MAX_NEW = 160             # answer length generated per prompt
 GEN_BATCH = 24
 SAMPLE_TEMPERATURE = 0.8
@@ -138,18 +139,23 @@ def generate_answers(model, tok, prompts: list[str], sample: bool, seed: int, ba
     return out
 
 
-NUM_SAMPLED_TRAIN = 0     # training prompts also answered by sampling (0: greedy answers only, see build())
+NUM_TRAIN_PROMPTS = (480, 1440)   # greedy answers to the first 480 training prompts, then to 960 more
+NUM_SAMPLED_TRAIN = 0             # training prompts also answered by sampling (0: greedy answers only)
 
 
 def answer_parts(num_sampled_train: int | None = None) -> list[tuple[str, str, list[str], int]]:
-    """(split, mode, prompts, seed) of every answer set: greedy answers to every prompt; with num_sampled_train > 0
-    also sampled answers (temperature SAMPLE_TEMPERATURE) to that many training prompts and to the held-out ones."""
+    """(split, part, prompts, seed) of every answer set: greedy answers to the held-out prompts and to
+    NUM_TRAIN_PROMPTS training prompts (in two parts: the build grew); with num_sampled_train > 0 also sampled
+    answers (temperature SAMPLE_TEMPERATURE) to that many training prompts and to the held-out ones."""
     from declab.draft_data import build_prompts
-    train, held = build_prompts()
+    first, _ = build_prompts(NUM_TRAIN_PROMPTS[0])
+    train, held = build_prompts(NUM_TRAIN_PROMPTS[1])
+    seen = set(first)
+    parts = [("held_out", "greedy", held, 1), ("train", "greedy", first, 2),
+             ("train", "greedy-more", [p for p in train if p not in seen], 5)]
     n = NUM_SAMPLED_TRAIN if num_sampled_train is None else num_sampled_train
-    parts = [("held_out", "greedy", held, 1), ("train", "greedy", train, 2)]
     if n > 0:
-        parts += [("train", "sampled", train[:n], 3), ("held_out", "sampled", held, 4)]
+        parts += [("train", "sampled", first[:n], 3), ("held_out", "sampled", held, 4)]
     return parts
 
 
@@ -259,6 +265,20 @@ class Adapter(torch.nn.Module):
         self.body.norm.load_state_dict(base_model.model.norm.state_dict())
         self.source_layers = src
 
+    def load_stored(self, path: Path, frozen: int) -> None:
+        """Load the adapter layers and norm of a stored draft (declab/drafts/*.safetensors) with the same E and A."""
+        state = {}
+        for k, v in load_tensors(path).items():
+            if k.startswith("model.layers."):
+                i, rest = k[len("model.layers."):].split(".", 1)
+                state[f"layers.{int(i) - frozen}.{rest}"] = v
+            elif k.startswith("model.norm."):
+                state[k[len("model."):]] = v
+        missing = [k for k in self.body.state_dict() if k.startswith(("layers.", "norm.")) and k not in state]
+        if missing:
+            raise ValueError(f"{path}: no stored weights for {missing[:3]} (a draft with another E or A?)")
+        self.body.load_state_dict(state, strict=False)
+
     def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.body(inputs_embeds=feats, attention_mask=mask, use_cache=False).last_hidden_state
 
@@ -345,11 +365,15 @@ def evaluate_adapter(adapter: Adapter, head: torch.Tensor, seqs: list[dict], fro
 def train_adapter(base_model, feats: dict, frozen: int = NUM_FROZEN, num_layers: int = NUM_ADAPTER,
                   init: str = "next", epochs: float = 3.0, lr: float = 3e-4, max_tokens: int = 2048,
                   seed: int = 0, eval_every: int = 100, time_limit_s: float | None = None,
-                  num_negatives: int | None = 4096, on_best=None, log=print) -> tuple[Adapter, dict]:
-    """AdamW with linear warm-up and cosine decay; only the adapter's layers and norm are trained."""
+                  num_negatives: int | None = 4096, on_best=None, init_from: Path | None = None,
+                  log=print) -> tuple[Adapter, dict]:
+    """AdamW with linear warm-up and cosine decay; only the adapter's layers and norm are trained. init_from: a
+    stored draft (same E and A) whose adapter weights replace the target-layer initialisation (continued training)."""
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
     adapter = Adapter(base_model, frozen, num_layers, init)
+    if init_from is not None:
+        adapter.load_stored(Path(init_from), frozen)
     adapter.train()
     head = base_model.lm_head.weight.detach()                            # [V, H] frozen, shared
     train, held = feats["train"], feats["held_out"]
@@ -403,20 +427,98 @@ def train_adapter(base_model, feats: dict, frozen: int = NUM_FROZEN, num_layers:
                      "history": history}
 
 
-# ------------------------------------------------------------------------------------ stage 5: save and load
-def save_draft(adapter: Adapter, info: dict, path: Path) -> None:
-    """The adapter's layers (as draft layers E..E+A-1) and final norm in float16, recipe + numbers as metadata."""
+# ----------------------------------------------------------------------------- stage 5: the draft's vocabulary
+def frequency_vocab(tok, rows: list[dict], size: int = DRAFT_VOCAB, docs: list[str] | None = None,
+                    log=print) -> torch.Tensor:
+    """FR-Spec (Zhao et al. 2025, "FR-Spec: Accelerating Large-Vocabulary Language Models via Frequency-Ranked
+    Speculative Sampling", arXiv 2502.14856): the draft's LM head keeps only the `size` most frequent tokens. Counted
+    over the training rows (prompts and the target's answers) and the default prose corpus of superposed decoding
+    (CPython's documentation, on every machine); ties and the rest in BPE merge order (a lower id is an earlier,
+    more frequent merge); the tokenizer's special tokens (EOS...) always kept. docs: another corpus instead.
+    Sorted ids [size] (int64)."""
+    from strategies.superposed_ngrams import default_corpus_documents
+    V = len(tok)
+    counts = torch.zeros(V, dtype=torch.float64)                                  # [V]
+    for r in rows:
+        ids = torch.as_tensor(r["prompt_ids"] + r["answer_ids"])
+        counts.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+    docs = default_corpus_documents() if docs is None else docs
+    corpus = 0
+    for b in range(0, len(docs), 256):
+        for ids in tok(docs[b:b + 256], add_special_tokens=False)["input_ids"]:
+            counts.index_add_(0, torch.as_tensor(ids, dtype=torch.long), torch.ones(len(ids), dtype=torch.float64))
+            corpus += len(ids)
+    score = counts + 0.5 * (1 - torch.arange(V, dtype=torch.float64) / V)          # ties: merge order
+    score[torch.as_tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)] = float("inf")
+    keep = score.topk(min(size, V)).indices.sort().values                           # [size]
+    log(f"  draft vocabulary: {len(keep)} of {V} tokens ({int((counts > 0).sum())} seen in {corpus} corpus + "
+        f"{sum(len(r['prompt_ids']) + len(r['answer_ids']) for r in rows)} answer-set tokens)")
+    return keep
+
+
+class SubVocabHead(torch.nn.Module):
+    """The draft's LM head restricted to `vocab_ids` (FR-Spec): logits for those rows of the target's (tied) head,
+    scattered into a full-width row of -inf, so the draft's distribution is over the target's vocabulary with
+    probability 0 outside its own (speculative sampling stays exact: those tokens are never drafted)."""
+
+    def __init__(self, weight: torch.Tensor, vocab_ids: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape                        # V, H
+        self.register_buffer("vocab_ids", vocab_ids.to(device=weight.device, dtype=torch.long))   # [N]
+        self.weight = torch.nn.Parameter(weight.detach()[self.vocab_ids].clone(), requires_grad=False)   # [N, H]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:                       # [..., H] -> [..., V]
+        sub = torch.nn.functional.linear(hidden, self.weight)                      # [..., N]
+        out = sub.new_full((*sub.shape[:-1], self.out_features), float("-inf"))    # [..., V]
+        return out.index_copy_(out.dim() - 1, self.vocab_ids, sub)
+
+
+# ------------------------------------------------------------------------------------ stage 6: save and load
+def save_draft(adapter: Adapter, info: dict, path: Path, weights: str = "float16",
+               vocab_ids: torch.Tensor | None = None) -> None:
+    """The adapter's layers (as draft layers E..E+A-1) and final norm, recipe + numbers as metadata; with vocab_ids
+    also the draft's output vocabulary (`lm_head.vocab_ids`, int32, see SubVocabHead).
+    weights: 'float16', or 'int8' (matrices as int8 with one float16 scale per output row, symmetric; weight-only:
+    the draft still computes in float32 after `load_tensors` de-quantizes them; half the size of float16)."""
     from safetensors.torch import save_file
     E = info["frozen"]
     tensors = {}
     for name, t in adapter.body.state_dict().items():
         if name.startswith("layers."):
             _, i, rest = name.split(".", 2)
-            tensors[f"model.layers.{E + int(i)}.{rest}"] = t.detach().to(torch.float16).contiguous()
+            key = f"model.layers.{E + int(i)}.{rest}"
         elif name.startswith("norm."):
-            tensors[f"model.{name}"] = t.detach().to(torch.float16).contiguous()
+            key = f"model.{name}"
+        else:
+            continue
+        t = t.detach().float()
+        if weights == "int8" and t.dim() == 2:
+            scale = (t.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
+            tensors[key + ".int8"] = torch.round(t / scale).clamp(-127, 127).to(torch.int8).contiguous()
+            tensors[key + ".scale"] = scale.to(torch.float16).contiguous()
+        else:
+            tensors[key] = t.to(torch.float16).contiguous()
+    if vocab_ids is not None:
+        tensors["lm_head.vocab_ids"] = vocab_ids.to(torch.int32).contiguous()
+        info = dict(info, draft_vocab=int(vocab_ids.numel()))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", "declab_draft": json.dumps(info)})
+    save_file(tensors, str(path), metadata={"format": "pt", "declab_draft": json.dumps(dict(info, weights=weights))})
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The stored tensors in float32 (int8 matrices multiplied back by their row scales)."""
+    from safetensors.torch import load_file
+    raw = load_file(str(path))
+    out = {}
+    for k, v in raw.items():
+        if k.endswith(".int8"):
+            base = k[: -len(".int8")]
+            out[base] = v.float() * raw[base + ".scale"].float()
+        elif k == "lm_head.vocab_ids":
+            out[k] = v.long()
+        elif not k.endswith(".scale"):
+            out[k] = v.float()
+    return out
 
 
 def read_draft_info(path: Path) -> dict:
@@ -427,12 +529,11 @@ def read_draft_info(path: Path) -> dict:
 
 def build_draft_model(base_model, weights: Path):
     """Turn a loaded target model into the draft, in place: keep its first E layers, append the stored adapter
-    layers, load the trained final norm. Embedding and (tied) LM head stay the target's. Returns (model, info)."""
-    from safetensors.torch import load_file
+    layers, load the trained final norm; the embedding and (tied) LM head stay the target's. Returns (model, info)."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     info = read_draft_info(weights)
     E, A = int(info["frozen"]), int(info["adapter_layers"])
-    state = load_file(str(weights))
+    state = load_tensors(weights)
     cfg = base_model.config
     layers = list(base_model.model.layers[:E])
     cfg.num_hidden_layers = E + A
@@ -447,6 +548,8 @@ def build_draft_model(base_model, weights: Path):
         layers.append(layer.to(device=device, dtype=dtype))
     base_model.model.layers = torch.nn.ModuleList(layers)
     base_model.model.norm.weight.data.copy_(state["model.norm.weight"].to(dtype))
+    if "lm_head.vocab_ids" in state:                   # FR-Spec head over the draft's vocabulary
+        base_model.lm_head = SubVocabHead(base_model.lm_head.weight, state["lm_head.vocab_ids"])
     return base_model.eval(), info
 
 
@@ -487,7 +590,7 @@ def load_draft_lm(spec):
     return lm, {"load_s": time.perf_counter() - t0, "source": spec.source_text, "cached": True}
 
 
-# ------------------------------------------------------------------------------------------- stage 6: evaluate
+# ------------------------------------------------------------------------------------------- stage 7: evaluate
 def agreement(target, draft, seqs: list[dict], temperature: float = 1.0) -> dict:
     """Teacher-forced over each (prompt + answer), at the answer positions: top-1 agreement (draft argmax ==
     target argmax) and the expected speculative-sampling acceptance E[sum_v min(p(v), q(v))] at `temperature`."""
@@ -554,33 +657,52 @@ def evaluate_draft(weights: Path = DEFAULT_WEIGHTS, work: Path | None = None, ti
 
 def build(work: Path, out: Path, frozen: int = NUM_FROZEN, num_layers: int = NUM_ADAPTER, init: str = "next",
           epochs: float = 4.0, lr: float = 3e-4, max_tokens: int = 1024, time_limit_s: float | None = None,
-          log=print) -> dict:
+          init_from: Path | None = None, draft_vocab: int = DRAFT_VOCAB, log=print) -> dict:
     t0 = time.perf_counter()
     data = stage_answers(work, frozen=frozen, log=log)
     feats = stage_features(work, data, frozen=frozen, log=log)
-    base, _ = load_base()
+    base, tok = load_base()
+    vocab_ids = frequency_vocab(tok, data["train"], draft_vocab, log=log) if draft_vocab else None
     recipe = dict(base=BASE_KEY, top_k=TOP_K, max_new=MAX_NEW, sample_temperature=SAMPLE_TEMPERATURE,
                   train_sequences=len(data["train"]), held_out_sequences=len(data["held_out"]))
 
     def checkpoint(adapter, history):                # the best so far, usable if the build is cut short
         save_draft(adapter, dict(recipe, frozen=frozen, adapter_layers=num_layers, init=init, partial=True,
-                                 history=history, build_s=round(time.perf_counter() - t0, 1)), out)
+                                 history=history, build_s=round(time.perf_counter() - t0, 1)), out,
+                   vocab_ids=vocab_ids)
         log(f"  checkpoint {out}")
 
     adapter, info = train_adapter(base, feats, frozen=frozen, num_layers=num_layers, init=init, epochs=epochs, lr=lr,
                                   max_tokens=max_tokens, time_limit_s=time_limit_s, eval_every=60,
-                                  on_best=checkpoint, log=log)
+                                  on_best=checkpoint, init_from=init_from, log=log)
+    if init_from is not None:
+        previous = read_draft_info(Path(init_from))
+        info["continued_from"] = {k: previous.get(k) for k in ("epochs", "steps", "lr", "train_sequences", "best_step")}
     info.update(base=BASE_KEY, top_k=TOP_K, max_new=MAX_NEW, sample_temperature=SAMPLE_TEMPERATURE,
                 train_sequences=len(data["train"]), held_out_sequences=len(data["held_out"]),
                 build_s=round(time.perf_counter() - t0, 1))
-    save_draft(adapter, info, out)
+    save_draft(adapter, info, out, vocab_ids=vocab_ids)
     log(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return info
 
 
+def set_vocab(weights: Path, out: Path, vocab_ids: torch.Tensor | None) -> None:
+    """Copy a stored draft with its output vocabulary replaced (None: the whole vocabulary)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(weights), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "lm_head.vocab_ids"}
+        info = json.loads(f.metadata()["declab_draft"])
+    info.pop("draft_vocab", None)
+    if vocab_ids is not None:
+        tensors["lm_head.vocab_ids"] = vocab_ids.to(torch.int32).contiguous()
+        info["draft_vocab"] = int(vocab_ids.numel())
+    save_file(tensors, str(out), metadata={"format": "pt", "declab_draft": json.dumps(info)})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m declab.draft", description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["answers", "features", "build", "eval"])
+    ap.add_argument("command", choices=["answers", "features", "build", "vocab", "eval"])
     ap.add_argument("--work", default=None, help="cache folder for the build stages (default: <declab cache>/draft-build)")
     ap.add_argument("--out", default=str(DEFAULT_WEIGHTS), help="where build writes the draft weights")
     ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="the draft weights eval reads")
@@ -592,6 +714,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=1024, help="padded tokens per training batch")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
+    ap.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB,
+                    help="tokens the draft's LM head keeps (FR-Spec; 0 = all); `vocab` re-sets it on --weights")
+    ap.add_argument("--init-from", default=None, help="continue training from this stored draft (same E and A)")
     ap.add_argument("--no-timing", action="store_true")
     args = ap.parse_args(argv)
     _threads(args.threads)
@@ -604,7 +729,13 @@ def main(argv=None) -> int:
         stage_features(work, stage_answers(work, frozen=args.frozen), frozen=args.frozen)
     elif args.command == "build":
         build(work, Path(args.out), frozen=args.frozen, num_layers=args.adapter_layers, init=args.init,
-              epochs=args.epochs, lr=args.lr, max_tokens=args.max_tokens, time_limit_s=args.time_limit)
+              epochs=args.epochs, lr=args.lr, max_tokens=args.max_tokens, time_limit_s=args.time_limit,
+              init_from=args.init_from, draft_vocab=args.draft_vocab)
+    elif args.command == "vocab":
+        _, tok = load_base()
+        data = stage_answers(work, frozen=args.frozen)
+        ids = frequency_vocab(tok, data["train"], args.draft_vocab) if args.draft_vocab else None
+        set_vocab(Path(args.weights), Path(args.out), ids)
     else:
         print(json.dumps(evaluate_draft(Path(args.weights), work, timing=not args.no_timing), indent=2))
     return 0

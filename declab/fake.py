@@ -56,6 +56,16 @@ def drafted_logits(vocab_size: int, noise: float = 1.0) -> Callable[[list[int]],
     return fn
 
 
+def no_eos(fn: Callable[[list[int]], torch.Tensor], logit: float = float("-inf")
+           ) -> Callable[[list[int]], torch.Tensor]:
+    """The script fn with EOS (id 0) given this logit (default: impossible), so runs go to their token limit."""
+    def f(context: list[int]) -> torch.Tensor:
+        out = fn(context).clone()
+        out[0] = logit
+        return out
+    return f
+
+
 FAKE_SCRIPTS = {"default": hashed_logits, "draft": drafted_logits}    # models.yaml `source: {fake: NAME}`
 
 

@@ -17,6 +17,10 @@ only; the log_ratio form has the amateur coefficient 1, i.e. Li et al. exactly);
 Deviation: the paper searches the CD objective with beam search (beam 5); here it is a per-token rule (greedy or
 sampled) so the trace shows each decision; run it inside a beam search is left out.
 
+Amateur vocabulary: an amateur whose head covers part of the vocabulary only (the embedded draft keeps 16k of 49k
+tokens, FR-Spec) gives -inf logits outside it; those tokens get its lowest logit there instead, so an expert-plausible
+token the amateur cannot produce is scored as the amateur's least likely token, not as an automatic +inf.
+
 Second model: declared through `needs = {"second_model"}`; the runner / CLI / app load it (default: the model's
 first models.yaml `pairs` entry) into ctx.extras, resolved by `strategies.two_model.second_lm`. A model with no
 pair fails with a clear UserError ("... has no amateur ...").
@@ -38,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from declab.errors import UserError
-from declab.sampling import entropy_bits, top_p_filter
+from declab.sampling import draw, entropy_bits, top_p_filter
 from strategies.base import Config, Progress, RunContext, RunGen, Sequence, Strategy, param, register
 from strategies.two_model import model_pairs, named_model, second_lm
 
@@ -52,7 +56,7 @@ def choose(scores: torch.Tensor, temperature: float, top_p: float, generator: to
     if temperature == 0:
         return int(scores.argmax())
     s = top_p_filter(scores / temperature, top_p)
-    return int(torch.multinomial(s.softmax(-1), 1, generator=generator))
+    return draw(s, generator)
 
 
 def add_candidates(ctx: RunContext, step: int, token: int, source: str, ids: list[int], values: list[float],
@@ -121,6 +125,8 @@ class Contrastive(Strategy):
         for step in range(ctx.max_new_tokens):
             t0 = lm.clock_ms()
             le, la = out_e.logits[0], out_a.logits[0].to(out_e.logits.device)       # [V], [V]
+            la = torch.where(torch.isneginf(la), torch.where(torch.isneginf(la), la.new_tensor(math.inf), la).min(),
+                             la)                                                     # outside its vocabulary
             lpe = le.log_softmax(-1)
             lpa = (la / cfg.amateur_temperature).log_softmax(-1)
             head = lpe >= lpe.max() + log_alpha                                      # V_head, [V] bool

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import torch
 
 from declab.errors import UserError
-from declab.sampling import entropy_bits
+from declab.sampling import draw_from, entropy_bits
 from strategies.base import Config, Progress, RunContext, RunGen, Sequence, Strategy, param, register
 from strategies.two_model import (ModelState, expected_tokens_per_round, named_model, probs, second_lm,
                                   speculative_step, target_only_ms)
@@ -141,7 +141,7 @@ class ModelDrafter:
                 conf = q_tok
             else:
                 q = probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
-                token = int(torch.multinomial(q, 1, generator=self.generator))
+                token = draw_from(q, self.generator)
                 q_tok = conf = float(q[token])
             t1 = lm.clock_ms()
             props.append(Proposal(token, q, q_tok, conf, float(logp[token]), float(entropy_bits(logp)), t1 - t0))
@@ -338,7 +338,7 @@ class Speculative(Strategy):
                 for i in range(len(verdicts), len(props)):
                     verdicts.append(("discarded", None, None, float(p_rows[i][props[i].token])))
                 if rejected_at is None:
-                    emitted_tok = int(torch.multinomial(p_rows[len(drafts)], 1, generator=ctx.generator))
+                    emitted_tok = draw_from(p_rows[len(drafts)], ctx.generator)
             verify_ms = out.fwd_ms
             for i, (verdict, a_prob, u, p_x) in enumerate(verdicts):
                 pr = props[i]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from declab.errors import UserError
+from declab.sampling import draw_from
 
 SECOND_MODEL_DEFAULTS = ("model", "pair", "")     # parameter values meaning "the second model beside the model"
 
@@ -169,7 +170,7 @@ def speculative_step(p: torch.Tensor, q: torch.Tensor, token: int, generator: to
     u = float(torch.rand((), generator=generator, device=p.device))
     if u < accept_probability(p, q, token):
         return True, token, u
-    return False, int(torch.multinomial(residual(p, q), 1, generator=generator)), u
+    return False, draw_from(residual(p, q), generator), u
 
 
 def expected_tokens_per_round(alpha: float, gamma: int) -> float:

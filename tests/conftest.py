@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,23 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_REGISTRY = ROOT / "tests" / "data" / "models-fake.yaml"
 EMBEDDED = "smollm2-135m-instruct"
+APP_PROMPT = "Explain in two sentences why the sky is blue."      # app/common.py DEFAULT_PROMPT
+
+
+@functools.lru_cache(maxsize=None)
+def script_seed(max_new_tokens: int, prompt: str = APP_PROMPT) -> int:
+    """The first seed for which `sample` (defaults) makes the fake model emit its `<script>alert(1)</script>` token
+    on this prompt, found by running the engine: escaping tests need hostile model text without depending on the
+    sampler's random stream."""
+    from declab.fake import FakeLM
+    from declab.runner import Run, RunRequest
+    lm = FakeLM()
+    for seed in range(200):
+        res = Run(lm, RunRequest(model=lm.key, strategy="sample", prompt=prompt, max_new_tokens=max_new_tokens,
+                                 seed=seed)).run_to_end()
+        if "<script>alert(1)</script>" in lm.decode(res.sequences[0].token_ids):
+            return seed
+    raise AssertionError("no seed below 200 makes the fake model emit <script>")
 
 
 @pytest.fixture(autouse=True)

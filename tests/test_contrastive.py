@@ -12,21 +12,14 @@ import torch
 
 from declab.cli import main as cli_main
 from declab.errors import UserError
-from declab.fake import FakeLM, drafted_logits, hashed_logits
+from declab.fake import FakeLM, drafted_logits, hashed_logits, no_eos
 from declab.runner import Run, RunRequest
-
-
-def no_eos(fn):
-    def f(context):
-        out = fn(context).clone()
-        out[0] = -30.0
-        return out
-    return f
 
 
 def pair():
     V = len(FakeLM().vocab)
-    return FakeLM(no_eos(hashed_logits(V))), FakeLM(no_eos(drafted_logits(V, 1.5)), key="fake-draft")
+    return (FakeLM(no_eos(hashed_logits(V), -30.0)),          # finite: a -inf amateur logit would make the contrast inf
+            FakeLM(no_eos(drafted_logits(V, 1.5), -30.0), key="fake-draft"))
 
 
 def run(lm, amateur=None, prompt=" the cat", n=24, seed=0, **params):
@@ -144,3 +137,26 @@ def test_mechanism_figure(fake_registry):
     tok = tokens(res)
     flips = next(t for t in figs["contrastive"].data if t.name == "flipped")
     assert list(flips.x) == tok.step[tok.flip.astype(bool)].tolist()
+
+
+@pytest.mark.parametrize("form", ["log_ratio", "logit"])
+def test_an_amateur_with_a_partial_vocabulary_is_floored_not_infinite(fake_registry, form):
+    """The embedded draft's head covers part of the vocabulary (-inf elsewhere): those tokens must score as the
+    amateur's least likely token, so they are not picked merely for being outside it."""
+    expert, amateur = pair()
+    V = len(FakeLM().vocab)
+    outside = torch.zeros(V, dtype=torch.bool)
+    outside[V // 2:] = True
+
+    def partial(ctx):
+        return amateur.logits_fn(ctx).masked_fill(outside, float("-inf"))
+
+    def floored(ctx):
+        la = amateur.logits_fn(ctx)
+        return torch.where(outside, la[~outside].min(), la)
+
+    a = tokens(run(expert, FakeLM(partial, key="fake-draft"), n=30, alpha=0.01, score=form, temperature=0))
+    b = tokens(run(expert, FakeLM(floored, key="fake-draft"), n=30, alpha=0.01, score=form, temperature=0))
+    assert a.score.map(math.isfinite).all()
+    assert a.token_id.tolist() == b.token_id.tolist()
+    assert a.score.tolist() == pytest.approx(b.score.tolist(), abs=1e-5)

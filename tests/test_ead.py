@@ -10,20 +10,12 @@ import threading
 import pytest
 import torch
 
-from declab.fake import FakeLM, drafted_logits, hashed_logits
+from declab.fake import FakeLM, drafted_logits, hashed_logits, no_eos
 from declab.runner import Run, RunRequest
 from declab.sampling import make_generator
 from declab.trace import Trace
 from strategies.base import RunContext
 from strategies.ead import EAD
-
-
-def no_eos(fn):
-    def f(context):
-        out = fn(context).clone()
-        out[0] = float("-inf")
-        return out
-    return f
 
 
 def pair():

@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from declab.store import open_store
 from tests.test_app import HOME, TIMEOUT, errors, ok, plotly_charts, run_default, session_runs
+from tests.conftest import APP_PROMPT, script_seed
 
 LIBRARY = "views/library.py"
 
@@ -87,7 +88,7 @@ def test_failed_app_run_is_stored_as_failed(fake_registry, monkeypatch):
 
 def test_filters_and_search(fake_registry, fake_lm):
     g = store_fake_run(fake_lm, "greedy", started="2026-01-01T10:00:00")
-    s = store_fake_run(fake_lm, "sample", seed=4, prompt="Explain in two sentences why the sky is blue.",
+    s = store_fake_run(fake_lm, "sample", seed=script_seed(20), prompt=APP_PROMPT,
                        started="2026-01-05T10:00:00", tags=["lecture"])
     at = library(new_session())
     assert listed(at) == [s.meta["run_id"], g.meta["run_id"]]
@@ -112,7 +113,7 @@ def test_filters_and_search(fake_registry, fake_lm):
 
 
 def test_open_a_stored_run_in_the_trace_explorer_without_a_model(fake_registry, fake_lm, monkeypatch):
-    result = store_fake_run(fake_lm, "sample", seed=4, prompt="Explain in two sentences why the sky is blue.")
+    result = store_fake_run(fake_lm, "sample", seed=script_seed(20), prompt=APP_PROMPT)
 
     def no_model(*a, **k):
         raise AssertionError("the Trace explorer must not load a model")
@@ -137,7 +138,8 @@ def test_open_a_stored_run_in_the_trace_explorer_without_a_model(fake_registry, 
 
 
 def test_send_stored_runs_to_compare(fake_registry, fake_lm):
-    runs = [store_fake_run(fake_lm, "greedy", n=30), store_fake_run(fake_lm, "sample", seed=4, n=30),
+    runs = [store_fake_run(fake_lm, "greedy", n=30),
+            store_fake_run(fake_lm, "sample", seed=script_seed(30, "the cat"), n=30),
             store_fake_run(fake_lm, "sample", seed=1, n=30)]
     ids = [r.meta["run_id"] for r in runs]
     at = library(new_session())

@@ -46,3 +46,23 @@ def test_draw_follows_the_distribution_and_is_seeded():
     assert torch.allclose(freq, p, atol=0.015)
     a = [draw(torch.zeros(50), make_generator(9, "cpu")) for _ in range(3)]
     assert len(set(a)) == 1 and not math.isnan(a[0])
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95, 0.999])
+@pytest.mark.parametrize("scale", [1.0, 4.0, 12.0])
+def test_top_p_on_a_full_size_vocabulary_matches_transformers(top_p, scale):
+    """Vocabulary-sized rows take the head-only path when the 1024 most likely tokens hold > top_p, the full sort
+    otherwise (flat rows, scale 1); both must give transformers' mask exactly."""
+    torch.manual_seed(int(scale * 10))
+    logits = torch.randn(2, 49152) * scale
+    expected = TopPLogitsWarper(top_p)(torch.zeros(2, 1, dtype=torch.long), logits.clone())
+    got = warp(logits, top_p=top_p)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+
+
+def test_draw_follows_the_distribution_and_never_draws_a_removed_token():
+    logits = torch.tensor([2.0, 1.0, float("-inf"), 0.0, float("-inf")])
+    g = make_generator(0, "cpu")
+    counts = torch.bincount(torch.tensor([draw(logits, g) for _ in range(20000)]), minlength=5).float() / 20000
+    assert counts[2] == 0 and counts[4] == 0
+    assert torch.allclose(counts, logits.softmax(-1), atol=0.015)

@@ -22,7 +22,7 @@ from declab.cli import main
 from declab.errors import UserError
 from declab.store import default_path, open_store, read_export
 from declab.trace import Trace, column_dtypes, read_meta, read_trace
-from tests.conftest import ROOT
+from tests.conftest import APP_PROMPT, ROOT, script_seed
 from tests.test_trace import HOSTILE, hostile_frame
 
 
@@ -61,7 +61,7 @@ def store(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ round trips
 def test_a_fake_run_round_trips_exactly(store, fake_registry, fake_lm):
-    result = fake_result(fake_lm, strategy="sample", seed=4, prompt="Explain in two sentences why the sky is blue.")
+    result = fake_result(fake_lm, strategy="sample", seed=script_seed(12, APP_PROMPT), prompt=APP_PROMPT)
     run_id = store.save(result, source="test", tags=["a"])
     assert run_id == result.meta["run_id"]
     meta, frame = store.get(run_id)
@@ -69,7 +69,7 @@ def test_a_fake_run_round_trips_exactly(store, fake_registry, fake_lm):
     pd.testing.assert_frame_equal(frame, result.frame)
     (row,) = store.list()
     assert row["run_id"] == run_id and row["status"] == "ok" and row["strategy"] == "sample"
-    assert row["text"] == result.sequences[0].text and row["text"].startswith(" <script>")
+    assert row["text"] == result.sequences[0].text and "<script>alert(1)</script>" in row["text"]
     assert row["new_tokens"] == len(result.sequences[0].token_ids) and row["n_rows"] == len(result.frame)
     assert row["tags"] == ["a"] and row["source"] == "test" and row["params"] == result.meta["params"]
 

@@ -136,7 +136,6 @@ def actions(store, rows: list[dict]) -> None:
 
 def import_section(store) -> None:
     """Upload a run exported elsewhere (CSV/Parquet trace + its JSON metadata) into the library."""
-    import json
     with st.expander("Import a run (CSV or Parquet trace + JSON metadata)"):
         c1, c2 = st.columns(2)
         trace_file = c1.file_uploader("Trace", type=["csv", "parquet"], key="lib:imp:trace")
@@ -145,15 +144,7 @@ def import_section(store) -> None:
                                           "settings are unknown and column types are inferred.")
         if st.button("Import", key="lib:imp:go", disabled=trace_file is None, icon=":material/upload:"):
             try:
-                meta = None
-                if meta_file is not None:
-                    try:
-                        meta = json.loads(meta_file.getvalue().decode("utf-8"))
-                    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                        raise UserError(f"{meta_file.name} is not valid JSON metadata: {e}") from None
-                    if not isinstance(meta, dict):
-                        raise UserError(f"{meta_file.name} is not declab run metadata (expected a JSON object)")
-                frame = common.read_uploaded_trace(trace_file.name, trace_file.getvalue(), meta)
+                meta, frame = common.read_upload(trace_file, meta_file)
                 from declab.store import meta_from_frame
                 run_id = store.save((meta or meta_from_frame(frame), frame), source="import")
             except UserError as e:

@@ -1,8 +1,6 @@
 """Trace explorer: load an exported run (CSV or Parquet trace plus its JSON metadata) and re-render every figure,
 without loading a model."""
 
-import json
-
 import streamlit as st
 
 import common
@@ -24,15 +22,7 @@ def from_upload():
         st.info("Upload a trace file (and its JSON metadata) to explore it.")
         return None
     try:
-        meta = None
-        if meta_file is not None:
-            try:
-                meta = json.loads(meta_file.getvalue().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise UserError(f"{meta_file.name} is not valid JSON metadata: {e}") from None
-            if not isinstance(meta, dict):
-                raise UserError(f"{meta_file.name} is not declab run metadata (expected a JSON object)")
-        frame = common.read_uploaded_trace(trace_file.name, trace_file.getvalue(), meta)
+        meta, frame = common.read_upload(trace_file, meta_file)
     except UserError as e:
         st.error(str(e))
         return None
