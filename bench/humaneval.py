@@ -94,9 +94,11 @@ def execute(source: str, timeout_s: float = 10.0) -> tuple[bool, str]:
 
 
 def generate(lm, strategy: str, params: dict, text: str, max_new_tokens: int):
-    from declab.runner import Run, RunRequest
-    run = Run(lm, RunRequest(model=lm.key, strategy=strategy, prompt=text, params=params, prompt_format="chat",
-                             max_new_tokens=max_new_tokens, seed=0))
+    from declab.runner import Run, RunRequest, attach_second_model
+    req = RunRequest(model=lm.key, strategy=strategy, prompt=text, params=params, prompt_format="chat",
+                     max_new_tokens=max_new_tokens, seed=0)
+    attach_second_model(req)                                   # contrastive: the amateur (the model's first pair)
+    run = Run(lm, req)
     t0 = time.perf_counter()
     for ev in run.events():
         if ev.step % 8 == 7 and closed_block(lm.decode(ev.token_ids)):
@@ -106,7 +108,7 @@ def generate(lm, strategy: str, params: dict, text: str, max_new_tokens: int):
     return res.sequences[0].text, len(res.sequences[0].token_ids), wall, res.meta["metrics"]
 
 
-STRATEGY_PARAMS = {"greedy": {}, "uscd": {"temperature": 0.0}}
+STRATEGY_PARAMS = {"greedy": {}, "uscd": {"temperature": 0.0}, "contrastive": {"temperature": 0.0}}
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from declab.runner import Run, RunRequest, get_lm, versions
+from declab.runner import Run, RunRequest, attach_second_model, get_lm, versions
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The history of the printing press begins"
@@ -211,6 +211,7 @@ def main(argv=None) -> int:
             return None, args.tokens
         req = RunRequest(model=MODEL, strategy=row.strategy, prompt=row.prompt, prompt_format=row.prompt_format,
                          params=row.params, max_new_tokens=args.tokens, seed=0)
+        attach_second_model(req)                             # ead / speculative / contrastive: the embedded draft
         res = Run(lm, req).run_to_end()
         if res.status != "ok":
             raise SystemExit(f"bench: {row.label} failed: {res.error}")

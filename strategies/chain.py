@@ -31,9 +31,15 @@ def record_token(ctx: RunContext, step: int, token: int, logp: torch.Tensor, sco
     position = len(ctx.prompt_ids) + step
     n_alt = ctx.num_alternatives if candidates is None else 0
     top = torch.topk(logp, n_alt) if n_alt else None
-    entropy = float(entropy_bits(logp))
+    # one device -> host copy per step: entropy, the token's logprob, the alternatives' logprobs and ids
+    # (ids travel as float64: exact for any vocabulary below 2^53)
+    parts = [entropy_bits(logp).reshape(1), logp[token].reshape(1)]
+    if top is not None:
+        parts += [top.values, top.indices]
+    host = torch.cat([x.double() for x in parts]).tolist()
+    entropy, token_logprob = host[0], host[1]
     row = trace.add("token", step, branch_id=branch_id, parent_id=parent_id, position=position, token_id=token,
-                    token_text=lm.token_text(token), logprob=float(logp[token]), entropy=entropy, score=score,
+                    token_text=lm.token_text(token), logprob=token_logprob, entropy=entropy, score=score,
                     accepted=True, dt_ms=dt_ms, **extra)
     for cand in candidates or ():
         cols = dict(cand)
@@ -41,7 +47,7 @@ def record_token(ctx: RunContext, step: int, token: int, logp: torch.Tensor, sco
         trace.add("candidate", step, branch_id=branch_id, parent_id=parent_id, position=position, token_id=tid,
                   token_text=lm.token_text(tid), entropy=entropy, accepted=(tid == token), **cols)
     if top is not None:
-        for rank, (lp, tid) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+        for rank, (lp, tid) in enumerate(zip(host[2:2 + n_alt], map(int, host[2 + n_alt:]))):
             trace.add("candidate", step, branch_id=branch_id, parent_id=parent_id, position=position, token_id=tid,
                       token_text=lm.token_text(tid), logprob=lp, entropy=entropy, accepted=(tid == token), rank=rank)
     return row
