@@ -28,7 +28,7 @@ from declab.runner import Run, RunRequest, get_lm, versions
 from viz.mirostat import repeated_ngram_share, traps_figure
 
 MODEL = "smollm2-135m-instruct"
-PROMPT = "The following is a transcript of a conversation overheard at a busy train station."
+PROMPT = "Forum thread: What is the strangest thing you have ever found in a used book?\n\nReply #1:"   # as the test
 RESULTS = Path(__file__).resolve().parent / "results"
 TRACES = RESULTS / "mirostat_traces"
 
