@@ -49,12 +49,15 @@ class Row:
     params: dict = field(default_factory=dict)
     prompt: str = PROMPT
     prompt_format: str = "raw"
+    model: str = MODEL
 
 
+INT8 = "smollm2-135m-instruct-int8"    # the CPU fast path (models.yaml): dynamic int8 linears, not token-exact
 BENCH = [
     Row("generate greedy", "generate", {"do_sample": False}),
     Row("generate sample", "generate", {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0}),
     Row("greedy", "greedy"),
+    Row("greedy int8 (CPU)", "greedy", model=INT8),
     Row("sample", "sample", {"temperature": 1.0}),
     Row("sample top_p 0.9", "sample", {"temperature": 1.0, "top_p": 0.9}),
     Row("mirostat v1 tau 3", "mirostat", {"version": 1, "tau": 3.0}),
@@ -122,12 +125,16 @@ def rep_n(token_ids: list[int], n: int = 2) -> float:
     return 100.0 * (1 - len(set(grams)) / len(grams)) if grams else 0.0
 
 
-def headline(row: Row, res, by_label: dict) -> str:
-    """The strategy's headline figure from its issue, from this run (res: RunResult, by_label: medians so far)."""
+def headline(row: Row, res, by_label: dict, greedy_ids: list[int]) -> str:
+    """The strategy's headline figure from its issue, from this run (res: RunResult, by_label: medians so far,
+    greedy_ids: the float32 greedy row's tokens)."""
     m, frame = res.meta.get("metrics", {}), res.frame
     tokens = frame[frame.kind == "token"]
     ids = res.sequences[0].token_ids if res.sequences else []
     greedy_tok = by_label.get("greedy", {}).get("ms_per_token")
+    if row.model != MODEL:
+        same = next((i for i, (a, b) in enumerate(zip(ids, greedy_ids)) if a != b), min(len(ids), len(greedy_ids)))
+        return f"first {same} of {len(greedy_ids)} tokens equal float32 greedy's"
     if row.strategy == "mirostat":
         return f"mean surprise {tokens.surprise.mean():.2f} bits (tau {row.params['tau']:g})"
     if row.strategy in ("momentum", "contrastive_search", "greedy", "sample"):
@@ -200,8 +207,14 @@ def main(argv=None) -> int:
         wanted = {w.strip() for w in args.only.split(",")}
         rows = [r for r in rows if r.label in wanted or r.strategy in wanted or r.label in ("greedy", "generate greedy")]
     lm = get_lm(MODEL)
+    load_s = {}
+    for key in {r.model for r in rows} - {MODEL}:            # other models (int8 row), loaded before timing
+        t0 = time.perf_counter()
+        get_lm(key)
+        load_s[key] = round(time.perf_counter() - t0, 2)
 
     def once(row: Row):
+        lm = get_lm(row.model)
         if row.strategy == "generate":
             ids = torch.tensor([lm.encode_prompt(row.prompt, row.prompt_format)], device=lm.device)
             with torch.inference_mode():
@@ -209,7 +222,7 @@ def main(argv=None) -> int:
                                   pad_token_id=lm.tokenizer.eos_token_id, **row.params)
             lm.sync()
             return None, args.tokens
-        req = RunRequest(model=MODEL, strategy=row.strategy, prompt=row.prompt, prompt_format=row.prompt_format,
+        req = RunRequest(model=row.model, strategy=row.strategy, prompt=row.prompt, prompt_format=row.prompt_format,
                          params=row.params, max_new_tokens=args.tokens, seed=0)
         attach_second_model(req)                             # ead / speculative / contrastive: the embedded draft
         res = Run(lm, req).run_to_end()
@@ -233,7 +246,8 @@ def main(argv=None) -> int:
     for row in rows:
         walls = [s[0] for s in samples[row.label]]
         per_tok = [s[0] / s[1] * 1000 for s in samples[row.label]]
-        table[row.label] = {"strategy": row.strategy, "params": row.params, "tokens": samples[row.label][-1][1],
+        table[row.label] = {"strategy": row.strategy, "model": row.model, "params": row.params,
+                            "tokens": samples[row.label][-1][1],
                             "median_s": round(statistics.median(walls), 4),
                             "ms_per_token": round(statistics.median(per_tok), 3),
                             "tokens_per_s": round(1000 / statistics.median(per_tok), 2),
@@ -244,9 +258,11 @@ def main(argv=None) -> int:
         t = table[row.label]
         t["vs_greedy"] = round(t["ms_per_token"] / g, 3)
         t["vs_generate_greedy"] = round(t["ms_per_token"] / hf, 3)
-        t["headline"] = headline(row, last[row.label], table) if last[row.label] is not None else ""
+        t["headline"] = (headline(row, last[row.label], table, last["greedy"].sequences[0].token_ids)
+                         if last[row.label] is not None else "")
     result = {"model": MODEL, "device": str(lm.device), "dtype": str(lm.dtype), "threads": torch.get_num_threads(),
-              "new_tokens": args.tokens, "reps": args.reps, "rows": table, "notes": notes, "versions": versions()}
+              "new_tokens": args.tokens, "reps": args.reps, "rows": table, "notes": notes, "versions": versions(),
+              "other_model_load_s": load_s}
     if "generate sample" in table:                        # the issue's targets: sampling-type rows within 1.15x
         result["vs_generate_sample"] = {label: round(t["ms_per_token"] / table["generate sample"]["ms_per_token"], 3)
                                         for label, t in table.items()
