@@ -176,7 +176,7 @@ class FakeLM:
                        fwd_ms=self.clock_ms() - t0)
 
     def prefill(self, ids, hidden: bool = False, all_logits: bool = False, attention_mask=None,
-                position_ids=None) -> StepOut:
+                position_ids=None, max_len: int | None = None) -> StepOut:
         return self._forward(self.new_cache(), self.as_ids(ids), hidden, all_logits, attention_mask)
 
     def step(self, ids, cache: FakeCache, hidden: bool = False, all_logits: bool = False,

@@ -67,7 +67,13 @@ class LM:
         h = out.hidden_states[-1] if hidden else None                 # [B, T, H], already final-normed
         return StepOut(logits=logits, cache=out.past_key_values, hidden=h, fwd_ms=self.clock_ms() - t0)
 
-    def new_cache(self) -> DynamicCache:
+    def new_cache(self, max_len: int | None = None):
+        """A fresh KV cache: dynamic, or with models.yaml `cache: static` and a known final length max_len (prompt +
+        new tokens) a StaticCache of that length, preallocated once (what torch.compile / CUDA graphs need on a GPU;
+        the per-token loop asks for it, strategies that crop, fork or reorder caches keep the dynamic one)."""
+        if max_len is not None and self.spec.cache == "static" and getattr(self.model, "_can_compile_fullgraph", True):
+            from transformers import StaticCache
+            return StaticCache(config=self.model.config, max_cache_len=int(max_len))
         return DynamicCache(config=self.model.config)
 
     def as_ids(self, ids) -> torch.Tensor:
@@ -76,11 +82,12 @@ class LM:
         return t[None, :] if t.dim() == 1 else t
 
     def prefill(self, ids, hidden: bool = False, all_logits: bool = False, attention_mask=None,
-                position_ids=None) -> StepOut:
+                position_ids=None, max_len: int | None = None) -> StepOut:
         """Run the prompt through a fresh cache. ids: list[int] | [T] | [B, T]. Rows of different lengths (uscd):
-        left-pad them and pass attention_mask [B, T] (0 = pad) with position_ids [B, T] (both or neither)."""
-        return self._forward(self.new_cache(), input_ids=self.as_ids(ids), hidden=hidden, all_logits=all_logits,
-                             attention_mask=attention_mask, position_ids=position_ids)
+        left-pad them and pass attention_mask [B, T] (0 = pad) with position_ids [B, T] (both or neither). max_len:
+        the run's final length, for a static cache (see new_cache)."""
+        return self._forward(self.new_cache(max_len), input_ids=self.as_ids(ids), hidden=hidden,
+                             all_logits=all_logits, attention_mask=attention_mask, position_ids=position_ids)
 
     def step(self, ids, cache: DynamicCache, hidden: bool = False, all_logits: bool = False,
              inputs_embeds: torch.Tensor | None = None, attention_mask=None, position_ids=None) -> StepOut:

