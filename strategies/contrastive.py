@@ -125,8 +125,8 @@ class Contrastive(Strategy):
         for step in range(ctx.max_new_tokens):
             t0 = lm.clock_ms()
             le, la = out_e.logits[0], out_a.logits[0].to(out_e.logits.device)       # [V], [V]
-            la = torch.where(torch.isneginf(la), torch.where(torch.isneginf(la), la.new_tensor(math.inf), la).min(),
-                             la)                                                     # outside its vocabulary
+            outside = torch.isneginf(la)                                             # beyond the amateur's vocabulary
+            la = torch.where(outside, la.masked_fill(outside, math.inf).min(), la)    # -> its lowest logit, [V]
             lpe = le.log_softmax(-1)
             lpa = (la / cfg.amateur_temperature).log_softmax(-1)
             head = lpe >= lpe.max() + log_alpha                                      # V_head, [V] bool
