@@ -33,12 +33,12 @@ import streamlit as st  # noqa: E402
 from streamlit.runtime.scriptrunner_utils.exceptions import StopException  # noqa: E402
 
 import strategies  # noqa: E402,F401  (registers every strategy)
-from declab import trace as tr  # noqa: E402
-from declab.errors import UserError  # noqa: E402
-from declab.metrics import summarize  # noqa: E402
-from declab.registry import DEFAULT_PATH, ENV_PATH, ModelSpec, Registry, load_registry  # noqa: E402
-from declab.runner import Run, RunRequest, validate  # noqa: E402
-from strategies.base import MAX_NEW_TOKENS, STRATEGIES, Strategy, get_strategy  # noqa: E402
+from declab.core import trace as tr  # noqa: E402
+from declab.core.errors import UserError  # noqa: E402
+from declab.core.metrics import summarize  # noqa: E402
+from declab.models.registry import DEFAULT_PATH, ENV_PATH, ModelSpec, Registry, load_registry  # noqa: E402
+from declab.run import Run, RunRequest, validate  # noqa: E402
+from declab.core import MAX_NEW_TOKENS, STRATEGIES, Strategy, get_strategy  # noqa: E402
 
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
 DEFAULT_MAX_NEW_TOKENS = 48
@@ -72,7 +72,7 @@ def get_registry() -> Registry:
 def _load_model(key: str, path: str):
     """One LM per (model key, registry file) for the whole server process, shared by every session.
     The LM holds weights and tokenizer only; runs keep their state on their own `Run` objects."""
-    from declab.loading import load_lm
+    from declab.models.loading import load_lm
     return load_lm(load_registry(path).get(key))
 
 
@@ -83,7 +83,7 @@ def load_model(key: str):
 
 
 def resolved_device(spec: ModelSpec) -> str:
-    from declab.loading import resolve_device
+    from declab.models.loading import resolve_device
     try:
         return resolve_device(spec)
     except UserError as e:
@@ -363,7 +363,7 @@ class Batch:
 def library_save(result) -> str | None:
     """Keep a finished run (ok, stopped or failed) in the run library (declab/store.py; shared by every session
     and the CLI). Returns None, or why it could not be saved (the run stays in this session either way)."""
-    from declab.store import open_store
+    from declab.run.store import open_store
     try:
         open_store().save(result, source="app")
     except Exception as e:

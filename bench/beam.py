@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from declab.runner import Run, RunRequest, get_lm, versions
+from declab.run import Run, RunRequest, get_lm, versions
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "Once upon a time, in a small village,"

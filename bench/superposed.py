@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from declab.runner import Run, RunRequest, get_lm, versions
+from declab.run import Run, RunRequest, get_lm, versions
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The most important thing to know about lists in Python is that"

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from declab.draft_data import build_prompts
-from declab.runner import Run, RunRequest, get_lm, versions
+from tools.draft_data import build_prompts
+from declab.run import Run, RunRequest, get_lm, versions
 
 TARGET, DRAFT = "smollm2-135m-instruct", "smollm2-135m-draft"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,7 +60,7 @@ def mean(xs):
 def draft_numbers(target, draft, prompts, n) -> dict:
     """Teacher-forced top-1 agreement on the target's greedy answers to held-out prompts, expected acceptance at
     T=1 (mean of sum_v min(p, q)), and the cost ratio (median ms per decoded token, draft / target)."""
-    from declab.draft import agreement, cost_ratio
+    from tools.draft_build import agreement, cost_ratio
     answers = []
     for p in prompts:
         res, _ = run(target, "greedy", p, n)

@@ -6,7 +6,8 @@
                [--csv PATH] [--parquet PATH] [--json PATH] [--html PATH] [--store PATH | --no-store]
     declab runs list|show|export|delete|tag|import ...   the run library (see declab/runs_cli.py)
 
-`declab run` keeps every run (ok, stopped with Ctrl-C, or failed) in the run store (declab/store.py) unless
+`declab run` decodes through the background run service (declab/run/service.py), which keeps every run (ok,
+stopped with Ctrl-C, or failed) in the run store (declab/run/store.py) unless
 --no-store is given.
 
 Bad input exits with status 2 and one line on stderr, before any model is loaded where possible.
@@ -16,11 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from declab.errors import UserError
+from declab.core import UserError, load_strategies
+from declab.core import trace as tr
+from declab.core.meta import RunMeta
+from declab.models.registry import load_registry
+from declab.run import Run, RunRequest, get_lm, validate
+from declab.run.service import Job, RunService
 from declab.runs_cli import add_runs_parser, add_store_option, cmd_runs
+from viz.report import html_report
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,17 +74,14 @@ def _read_text(path: str, what: str) -> str:
 
 
 def cmd_list(args) -> int:
-    from declab.registry import load_registry
-    from strategies.base import STRATEGIES, get_strategy
     registry = load_registry()
-    get_strategy("greedy")  # registers all
     data = {
         "default_model": registry.default,
         "models": [{"key": s.key, "source": s.source_text, "dtype": s.dtype, "quantization": s.quantization,
                     "device": s.device, "chat": s.chat, "context_length": s.context_length,
                     "description": s.description, "pairs": list(s.pairs)} for s in registry.models.values()],
         "strategies": [{"name": s.name, "title": s.title, "paper": s.paper, "deterministic": s.deterministic,
-                        "params": s.params()} for s in STRATEGIES.values()],
+                        "params": s.params()} for s in load_strategies().values()],
     }
     if args.json:
         print(json.dumps(data, indent=2, default=str))
@@ -103,47 +109,36 @@ def parse_sets(items: list[str]) -> dict[str, str]:
 
 
 def cmd_run(args) -> int:
-    from declab import trace as tr
-    from declab.registry import load_registry
-    from declab.runner import Run, RunRequest, attach_second_model, get_lm, second_model_key, validate
-
     registry = load_registry()
     prompt = args.prompt if args.prompt is not None else _read_text(args.prompt_file, "prompt file")
-    extras = {}
-    if args.grammar_file:
-        extras["grammar"] = _read_text(args.grammar_file, "grammar file")
-    if args.lame_prompt is not None:
-        extras["lame_prompt"] = args.lame_prompt
+    grammar = _read_text(args.grammar_file, "grammar file") if args.grammar_file else None
     request = RunRequest(model=args.model or registry.default, strategy=args.strategy, prompt=prompt,
                          params=parse_sets(args.set), prompt_format=args.prompt_format,
-                         max_new_tokens=args.max_new_tokens, seed=args.seed, extras=extras)
-    validate(request, registry)                              # fail fast, before loading the model
+                         max_new_tokens=args.max_new_tokens, seed=args.seed, grammar=grammar,
+                         lame_prompt=args.lame_prompt)
+    plan = validate(request, registry)                       # once, before any model is loaded
     for path in (args.csv, args.parquet, args.json, args.html):
         if path and not Path(path).resolve().parent.is_dir():
             raise UserError(f"cannot write {path}: folder does not exist")
-    second_model_key(request, registry)                     # a needed second model must exist, before loading
-    lm = get_lm(request.model, registry)
-    attach_second_model(request, registry)                  # draft / small model of two-model strategies
-    run = Run(lm, request, registry)
-    result = run_until_interrupted(run)
-    meta = result.meta
-    if not args.no_store:
-        store_run(result, args.store)
+    run = Run(get_lm(request.model, registry), plan, load=lambda key: get_lm(key, registry))
+    service = RunService([Job(args.strategy, run)], kind="cli", source="cli",
+                         store_path="" if args.no_store else args.store)
+    wait_until_interrupted(service)
+    if 0 in service.errors:
+        raise UserError(service.errors[0])
+    if 0 in service.unsaved:
+        print(f"declab: warning: run not stored in the run store: {service.unsaved[0]}", file=sys.stderr)
+    result = run.result
+    meta = RunMeta.from_dict(result.meta)
     if args.csv:
         tr.write_csv(result.frame, args.csv)
-        tr.write_json(meta, str(Path(args.csv).with_suffix("")) + ".meta.json")
+        tr.write_json(result.meta, str(Path(args.csv).with_suffix("")) + ".meta.json")
     if args.parquet:
         tr.write_parquet(result.frame, args.parquet)
     if args.json:
-        tr.write_json({"model": meta["model"], "strategy": meta["strategy"], "params": meta["params"],
-                       "seed": meta["seed"], "prompt_format": meta["prompt_format"],
-                       "sequences": [{"text": s.text, "token_ids": s.token_ids, "score": s.score}
-                                     for s in result.sequences],
-                       "metrics": meta["metrics"], "wall_s": meta["wall_s"], "versions": meta["versions"],
-                       "run_id": meta["run_id"], "status": meta["status"]}, args.json)
+        tr.write_json(meta.cli_json(), args.json)
     if args.html:
-        from viz.report import html_report
-        Path(args.html).write_text(html_report(meta, result.frame), encoding="utf-8")
+        Path(args.html).write_text(html_report(result.meta, result.frame), encoding="utf-8")
     if not args.quiet:
         for i, s in enumerate(result.sequences):
             prefix = f"[{i}] " if len(result.sequences) > 1 else ""
@@ -157,35 +152,26 @@ def cmd_run(args) -> int:
     return 0
 
 
-def run_until_interrupted(run):
-    """Run to the end. A first Ctrl-C stops the run after the current step, so it is kept (stored, exported) with
-    status 'stopped'; a second Ctrl-C interrupts at once."""
-    import signal
-    import threading
+def wait_until_interrupted(service: RunService) -> None:
+    """Run the service to the end. A first Ctrl-C stops the run after the current step, so it is kept (stored,
+    exported) with status 'stopped'; a second Ctrl-C interrupts at once."""
+    service.start()
     if threading.current_thread() is not threading.main_thread():
-        return run.run_to_end()
+        service.wait()
+        return
     previous = signal.getsignal(signal.SIGINT)
     if previous is None:                                     # a handler not set from Python: restore the default
         previous = signal.default_int_handler
 
     def stop(signum, frame):
-        run.stop.set()
+        service.stop()
         signal.signal(signal.SIGINT, previous)
 
     signal.signal(signal.SIGINT, stop)
     try:
-        return run.run_to_end()
+        service.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def store_run(result, path) -> None:
-    """Keep the run in the run store; a store that cannot be written costs a warning, never the run's output."""
-    from declab.store import open_store
-    try:
-        open_store(path).save(result, source="cli")
-    except Exception as e:
-        print(f"declab: warning: run not stored in the run store: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-from declab.errors import UserError
+from declab.core.errors import UserError
+from declab.run.store import open_store
 
 
 def add_store_option(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +75,6 @@ def one_line(text, width: int) -> str:
 
 
 def cmd_runs(args) -> int:
-    from declab.store import open_store
     store = open_store(args.store)
     return {"list": _list, "show": _show, "export": _export, "delete": _delete, "tag": _tag,
             "import": _import}[args.runs_command](store, args)

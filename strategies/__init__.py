@@ -1,4 +1,6 @@
-"""Decoding strategies, one module each; importing this package registers them all (see base.STRATEGIES)."""
+"""Decoding strategies, one module each. This package is the built-in plug-in of the entry-point group
+`declab.strategies` (pyproject.toml): the engine's registry imports it on first use, which registers every module
+below. Each module imports only the engine's contract, declab.core."""
 
 from strategies import greedy, sample, mirostat  # noqa: F401
 from strategies import momentum, contrastive_search  # noqa: F401
@@ -7,4 +9,3 @@ from strategies import ead, speculative  # noqa: F401
 from strategies import gcd, asap  # noqa: F401
 from strategies import superposed  # noqa: F401
 from strategies import contrastive, uscd  # noqa: F401
-from strategies.base import STRATEGIES, get_strategy  # noqa: F401

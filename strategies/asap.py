@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 import torch
 
-from strategies.base import Config, RunContext, RunGen, Strategy, param, register
+from declab.core import Config, RunContext, RunGen, RunInputs, Strategy, param, register
 from strategies.gcd import EXACT_HELP, GRAMMAR_HELP, SAMPLES_HELP
 from strategies.grammar import (BUILTIN_GRAMMARS, BUILTIN_NAMES, DEFAULT_GRAMMAR, MAX_SAMPLES, Node, Rule,
-                                check_request, run_grammar)
+                                prepare_grammar, run_grammar)
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,11 @@ class Asap(Strategy):
                    "among grammatical sentences.")
     Config = AsapConfig
     deterministic = False
-    needs = {"grammar"}
+    takes_grammar = True
     grammar_examples = BUILTIN_GRAMMARS
 
-    def check_request(self, cfg: AsapConfig, request) -> None:
-        check_request(cfg, request)
+    def prepare(self, cfg: AsapConfig, inputs: RunInputs) -> RunInputs:
+        return prepare_grammar(cfg, inputs)
 
     def run(self, ctx: RunContext, cfg: AsapConfig) -> RunGen:
         return (yield from run_grammar(ctx, cfg, AsapRule()))

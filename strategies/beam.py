@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from strategies.base import Config, RunContext, RunGen, Strategy, param, register
+from declab.core import Config, RunContext, RunGen, Strategy, param, register
 from strategies.beams import (EARLY_STOPPING, EARLY_STOPPING_HELP, MAX_BEAMS, check_common, early_stopping_value,
                               group_beam_search, normalise_early_stopping)
 

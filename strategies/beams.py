@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from declab.errors import UserError
-from declab.sampling import entropy_bits
-from strategies.base import Progress, RunContext, RunGen, Sequence
+from declab.core.errors import UserError
+from declab.core.sampling import entropy_bits
+from declab.core import Progress, RunContext, RunGen, Sequence
 
 
 @dataclass

@@ -21,9 +21,11 @@ Amateur vocabulary: an amateur whose head covers part of the vocabulary only (th
 tokens, FR-Spec) gives -inf logits outside it; those tokens get its lowest logit there instead, so an expert-plausible
 token the amateur cannot produce is scored as the amateur's least likely token, not as an automatic +inf.
 
-Second model: declared through `needs = {"second_model"}`; the runner / CLI / app load it (default: the model's
-first models.yaml `pairs` entry) into ctx.extras, resolved by `strategies.two_model.second_lm`. A model with no
-pair fails with a clear UserError ("... has no amateur ...").
+Second model: the role `amateur` (`needs(cfg)` names the key `amateur` gives, else the model's first models.yaml
+`pairs` entry); the engine loads it and checks the tokenizer. A model with no pair fails before loading with a
+clear UserError ("... it has no amateur").
+
+Loop: the engine's per-token loop (declab/core/loop.py) with `ContrastSelector`, which owns the amateur's cache.
 
 Tie rule (5.4 d): with expert == amateur (and amateur_temperature 1 / beta any), the score is constant (0, or the
 expert logit) on V_head; in the log_ratio form every token of V_head ties and the lowest id in V_head wins.
@@ -41,10 +43,11 @@ from dataclasses import dataclass
 
 import torch
 
-from declab.errors import UserError
-from declab.sampling import draw, entropy_bits, top_p_filter
-from strategies.base import Config, Progress, RunContext, RunGen, Sequence, Strategy, param, register
-from strategies.two_model import model_pairs, named_model, second_lm
+from declab.core import Config, ModelNeed, Needs, RunContext, RunGen, Strategy, param, register
+from declab.core.loop import Choice, Selector, token_loop
+from declab.core.metrics import ContrastMetrics
+from declab.core.sampling import sample_or_argmax
+from strategies.two_model import named_model
 
 NEG_INF = float("-inf")
 
@@ -53,22 +56,25 @@ NEG_INF = float("-inf")
 def choose(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     """Greedy (temperature 0: argmax, lowest id on ties) or one draw from softmax(scores / T) after top-p.
     scores: [V] with -inf for excluded tokens (at least one finite)."""
-    if temperature == 0:
-        return int(scores.argmax())
-    s = top_p_filter(scores / temperature, top_p)
-    return draw(s, generator)
+    return sample_or_argmax(scores, generator, temperature, top_p=top_p)[0]
 
 
-def add_candidates(ctx: RunContext, step: int, token: int, source: str, ids: list[int], values: list[float],
-                   column: str, extra: dict[str, list[float]] | None = None) -> None:
+def ranked(source: str, ids: list[int], values: list[float], column: str,
+           extra: dict[str, list[float]] | None = None) -> list[dict]:
     """`candidate` rows for one ranked list (source = standard | lame | contrast | expert)."""
+    return [{"token_id": tid, "rank": rank, "source": source, column: (val if math.isfinite(val) else None),
+             **{k: v[rank] for k, v in (extra or {}).items()}} for rank, (tid, val) in enumerate(zip(ids, values))]
+
+
+def add_candidates(ctx: RunContext, step: int, token: int, rows: list[dict]) -> None:
+    """Write candidate rows made by `ranked` (for strategies that write their own token rows)."""
     lm = ctx.lm
     position = len(ctx.prompt_ids) + step
-    for rank, (tid, val) in enumerate(zip(ids, values)):
-        cols = {k: v[rank] for k, v in (extra or {}).items()}
+    for row in rows:
+        cols = dict(row)
+        tid = cols.pop("token_id")
         ctx.trace.add("candidate", step, branch_id=0, parent_id=0, position=position, token_id=tid,
-                      token_text=lm.token_text(tid), accepted=(tid == token), rank=rank, source=source,
-                      **{column: (val if math.isfinite(val) else None)}, **cols)
+                      token_text=lm.token_text(tid), accepted=(tid == token), **cols)
 
 
 # ------------------------------------------------------------------------------------------------ CD
@@ -100,76 +106,76 @@ class Contrastive(Strategy):
                    "plausible (at least alpha times its top probability).")
     Config = ContrastiveConfig
     deterministic = False
-    needs = {"second_model"}
-    second_model_role = "amateur"          # named in the runner's "no second model" message
+    roles = ("amateur",)
 
-    @staticmethod
-    def named_second_model(cfg: ContrastiveConfig) -> str:
-        return named_model(cfg.amateur) or ""
+    def needs(self, cfg: ContrastiveConfig) -> Needs:
+        """The amateur: a key named in `amateur`, else the paired second model."""
+        return Needs(models=(ModelNeed("amateur", named_model(cfg.amateur) or ""),))
 
     def run(self, ctx: RunContext, cfg: ContrastiveConfig) -> RunGen:
-        lm, trace = ctx.lm, ctx.trace
-        if ctx.extras.get("second_lm") is None and named_model(cfg.amateur) is None and not model_pairs(lm) \
-                and not ctx.extras.get("second_model"):
-            raise UserError(f"contrastive: model '{lm.key}' has no amateur: list a smaller same-tokenizer model under "
-                            f"its `pairs` in models.yaml, pick a second model, or set amateur=<models.yaml key>")
-        ama_lm = second_lm(ctx, named_model(cfg.amateur), "amateur")
-        k = ctx.num_alternatives
-        log_alpha = math.log(cfg.alpha) if cfg.alpha > 0 else NEG_INF
-        out_e = lm.prefill(ctx.prompt_ids)
-        out_a = ama_lm.prefill(ctx.prompt_ids)
-        generated: list[int] = []
-        total = 0.0
-        flips = head_total = 0
-        steps = 0
-        for step in range(ctx.max_new_tokens):
-            t0 = lm.clock_ms()
-            le, la = out_e.logits[0], out_a.logits[0].to(out_e.logits.device)       # [V], [V]
-            outside = torch.isneginf(la)                                             # beyond the amateur's vocabulary
-            la = torch.where(outside, la.masked_fill(outside, math.inf).min(), la)    # -> its lowest logit, [V]
-            lpe = le.log_softmax(-1)
-            lpa = (la / cfg.amateur_temperature).log_softmax(-1)
-            head = lpe >= lpe.max() + log_alpha                                      # V_head, [V] bool
-            raw = lpe - lpa if cfg.score == "log_ratio" else (1 + cfg.beta) * le - cfg.beta * la
-            scores = raw.masked_fill(~head, NEG_INF)
-            token = choose(scores, cfg.temperature, cfg.top_p, ctx.generator)
-            ctop = torch.topk(scores, min(k, lm.vocab_size))
-            etop = torch.topk(lpe, min(k, lm.vocab_size))
-            # one host sync for every per-step number
-            stats = torch.stack([lpe.argmax().float(), head.sum().float(), lpe[token], lpa[token], scores[token],
-                                 entropy_bits(lpe)]).tolist()
-            cids, cvals = ctop.indices.tolist(), ctop.values.tolist()
-            eids, evals = etop.indices.tolist(), etop.values.tolist()
-            plain, head_size = int(stats[0]), int(stats[1])
-            sel_ms = lm.clock_ms() - t0
-            flip = token != plain
-            flips += flip
-            head_total += head_size
-            steps += 1
-            trace.add("token", step, branch_id=0, parent_id=0, position=len(ctx.prompt_ids) + step, token_id=token,
-                      token_text=lm.token_text(token), logprob=stats[2], entropy=stats[5], score=stats[4],
-                      model=lm.key, accepted=True, dt_ms=out_e.fwd_ms + out_a.fwd_ms + sel_ms, ama_logprob=stats[3],
-                      head_size=head_size, plain_token=plain, flip=flip, fwd_ms=out_e.fwd_ms, ama_fwd_ms=out_a.fwd_ms,
-                      sel_ms=sel_ms)
-            both = torch.tensor(cids + eids)
-            lp_pairs = torch.stack([lpe[both], lpa[both]]).tolist()
-            add_candidates(ctx, step, token, "contrast", cids, cvals, "score",
-                           {"logprob": lp_pairs[0][:len(cids)], "ama_logprob": lp_pairs[1][:len(cids)]})
-            add_candidates(ctx, step, token, "expert", eids, evals, "logprob",
-                           {"ama_logprob": lp_pairs[1][len(cids):]})
-            total += stats[4] if math.isfinite(stats[4]) else 0.0
-            ctx.metrics.update(self.metrics(flips, head_total, steps, ama_lm))
-            if token in lm.eos_ids:
-                break
-            generated.append(token)
-            yield Progress(step, generated)
-            if step + 1 < ctx.max_new_tokens:
-                out_e = lm.step([[token]], out_e.cache)
-                out_a = ama_lm.step([[token]], out_a.cache)
-        ctx.metrics.update(self.metrics(flips, head_total, steps, ama_lm))
-        return [Sequence(token_ids=list(generated), score=total)]
+        return (yield from token_loop(ctx, ContrastSelector(ctx, cfg)))
 
-    @staticmethod
-    def metrics(flips: int, head_total: int, steps: int, ama_lm) -> dict:
-        return {"flips": flips, "flip_fraction": round(flips / steps, 6) if steps else 0.0,
-                "mean_head_size": round(head_total / steps, 4) if steps else 0.0}
+
+class ContrastSelector(Selector):
+    """The CD rule as a selector on the expert's logits. The amateur keeps its own KV cache here: `accept` records
+    the emitted token and the next `apply` feeds it to the amateur (one forward per step, lazily, so the last token
+    costs no amateur forward), so both models always see the same text."""
+
+    name = "contrastive"
+    sums_score = True               # a sequence's score is the sum of its CD scores
+
+    def __init__(self, ctx: RunContext, cfg: ContrastiveConfig):
+        self.ctx, self.cfg = ctx, cfg
+        self.amateur = ctx.model("amateur")
+        self.log_alpha = math.log(cfg.alpha) if cfg.alpha > 0 else NEG_INF
+        self.reset()
+
+    def reset(self) -> None:
+        self.out_a, self.pending = None, None
+        self.flips = self.head_total = self.steps = 0
+
+    def accept(self, token: int) -> None:
+        self.pending = token
+
+    def _amateur_logits(self) -> tuple[torch.Tensor, float]:
+        if self.out_a is None:
+            self.out_a = self.amateur.prefill(self.ctx.prompt_ids)
+        elif self.pending is not None:
+            self.out_a = self.amateur.step([[self.pending]], self.out_a.cache)
+        self.pending = None
+        return self.out_a.logits[0], self.out_a.fwd_ms
+
+    def apply(self, logits: torch.Tensor, step: int) -> Choice:
+        ctx, cfg, lm = self.ctx, self.cfg, self.ctx.lm
+        k = min(ctx.num_alternatives, lm.vocab_size)
+        la, ama_ms = self._amateur_logits()
+        le, la = logits, la.to(logits.device)                                    # [V], [V]
+        outside = torch.isneginf(la)                                             # beyond the amateur's vocabulary
+        la = torch.where(outside, la.masked_fill(outside, math.inf).min(), la)    # -> its lowest logit, [V]
+        lpe = le.log_softmax(-1)
+        lpa = (la / cfg.amateur_temperature).log_softmax(-1)
+        head = lpe >= lpe.max() + self.log_alpha                                 # V_head, [V] bool
+        raw = lpe - lpa if cfg.score == "log_ratio" else (1 + cfg.beta) * le - cfg.beta * la
+        scores = raw.masked_fill(~head, NEG_INF)
+        token = choose(scores, cfg.temperature, cfg.top_p, ctx.generator)
+        ctop = torch.topk(scores, k)
+        etop = torch.topk(lpe, k)
+        # one host sync for every per-step number
+        stats = torch.stack([lpe.argmax().float(), head.sum().float(), lpa[token], scores[token]]).tolist()
+        cids, cvals = ctop.indices.tolist(), ctop.values.tolist()
+        eids, evals = etop.indices.tolist(), etop.values.tolist()
+        plain, head_size = int(stats[0]), int(stats[1])
+        flip = token != plain
+        self.flips += flip
+        self.head_total += head_size
+        self.steps += 1
+        both = torch.tensor(cids + eids)
+        lp_pairs = torch.stack([lpe[both], lpa[both]]).tolist()
+        candidates = (ranked("contrast", cids, cvals, "score", {"logprob": lp_pairs[0][:len(cids)],
+                                                                "ama_logprob": lp_pairs[1][:len(cids)]}) +
+                      ranked("expert", eids, evals, "logprob", {"ama_logprob": lp_pairs[1][len(cids):]}))
+        ctx.metrics = ContrastMetrics(flips=self.flips, flip_fraction=round(self.flips / self.steps, 6),
+                                      mean_head_size=round(self.head_total / self.steps, 4))
+        return Choice(token, stats[3], {"ama_logprob": stats[2], "head_size": head_size,
+                                        "plain_token": plain, "flip": flip, "ama_fwd_ms": ama_ms},
+                      candidates=candidates, fwd_ms=ama_ms)

@@ -37,8 +37,8 @@ from typing import Iterator
 
 import torch
 
-from declab.sampling import entropy_bits
-from strategies.base import Config, Progress, RunContext, RunGen, Sequence, Strategy, param, register
+from declab.core.sampling import entropy_bits
+from declab.core import Config, Progress, RunContext, RunGen, Sequence, Strategy, param, register
 
 
 @dataclass(frozen=True)

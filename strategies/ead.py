@@ -42,9 +42,10 @@ from dataclasses import dataclass
 
 import torch
 
-from declab.sampling import draw, entropy_bits, warp
-from strategies.base import Config, Progress, RunContext, RunGen, Sequence, Strategy, param, register
-from strategies.two_model import ModelState, model_params, named_model, second_lm
+from declab.core.sampling import entropy_bits, sample_or_argmax
+from declab.core import Config, ModelNeed, Needs, Progress, RunContext, RunGen, Sequence, Strategy, param, register
+from declab.core.metrics import SwitchingMetrics
+from strategies.two_model import ModelState, model_params, named_model
 
 ROLES = ("small", "large")
 
@@ -74,16 +75,15 @@ class EAD(Strategy):
                    "memory (KV cache) and catches up on the tokens it missed when it takes over.")
     Config = EADConfig
     deterministic = False
-    needs = {"second_model"}
+    roles = ("small",)
 
-    @staticmethod
-    def named_second_model(cfg: EADConfig) -> str:
-        """The small model: a key named in `small`, or '' for the paired second model."""
-        return named_model(cfg.small) or ""
+    def needs(self, cfg: EADConfig) -> Needs:
+        """The small model: a key named in `small`, else the paired second model."""
+        return Needs(models=(ModelNeed("small", named_model(cfg.small) or ""),))
 
     def run(self, ctx: RunContext, cfg: EADConfig) -> RunGen:
         lm, trace = ctx.lm, ctx.trace
-        small_lm = second_lm(ctx, named_model(cfg.small), "small")
+        small_lm = ctx.model("small")
         states = {"small": ModelState(small_lm, "small"), "large": ModelState(lm, "large")}
         seq = list(ctx.prompt_ids)
         P = len(seq)
@@ -117,13 +117,8 @@ class EAD(Strategy):
             logits = out.logits[0]                                       # [V]
             logp = logits.log_softmax(-1)
             h = float(entropy_bits(logp))
-            if cfg.temperature == 0:
-                token = int(logits.argmax())
-                score = float(logp[token])
-            else:
-                warped = warp(logits, cfg.temperature, cfg.top_k, cfg.top_p)
-                token = draw(warped, ctx.generator)
-                score = float(warped.log_softmax(-1)[token])
+            token, warped = sample_or_argmax(logits, ctx.generator, cfg.temperature, cfg.top_k, cfg.top_p)
+            score = float(warped.log_softmax(-1)[token])
             window.append(h)
             rolling = sum(window) / len(window)
             dwell += 1
@@ -145,9 +140,9 @@ class EAD(Strategy):
                           decided_at=step, dwell=dwell, accepted=None)
                 active, dwell = want, 0
                 switches += 1
-            ctx.metrics.update(self.metrics(counts, switches, catch_up_total, fwd, small_lm, lm))
+            ctx.metrics = self.metrics(counts, switches, catch_up_total, fwd, small_lm, lm)
             yield Progress(step, generated)
-        ctx.metrics.update(self.metrics(counts, switches, catch_up_total, fwd, small_lm, lm))
+        ctx.metrics = self.metrics(counts, switches, catch_up_total, fwd, small_lm, lm)
         return [Sequence(token_ids=list(generated), score=total_logprob)]
 
     @staticmethod
@@ -157,17 +152,17 @@ class EAD(Strategy):
         return "large" if rolling > cfg.threshold else "small"
 
     @staticmethod
-    def metrics(counts: dict, switches: int, catch_up: int, fwd: dict, small_lm, large_lm) -> dict:
+    def metrics(counts: dict, switches: int, catch_up: int, fwd: dict, small_lm, large_lm) -> SwitchingMetrics:
         n = counts["small"] + counts["large"]
         f_l = counts["large"] / n if n else 0.0
-        out = {"large_fraction": round(f_l, 6), "large_tokens": counts["large"], "small_tokens": counts["small"],
-               "switches": switches, "catch_up_tokens": catch_up}
+        out = SwitchingMetrics(large_fraction=round(f_l, 6), large_tokens=counts["large"],
+                               small_tokens=counts["small"], switches=switches, catch_up_tokens=catch_up)
         p_s, p_l = model_params(small_lm), model_params(large_lm)
         if p_s and p_l:
             ratio = f_l + (1 - f_l) * p_s / p_l
-            out.update(param_ratio=round(p_s / p_l, 6), compute_ratio=round(ratio, 6),
-                       compute_saved=round(1 - ratio, 6))
+            out.param_ratio, out.compute_ratio, out.compute_saved = (round(p_s / p_l, 6), round(ratio, 6),
+                                                                     round(1 - ratio, 6))
         if fwd["small"][1] and fwd["large"][1]:
-            out["measured_step_ratio"] = round((fwd["small"][0] / fwd["small"][1]) /
-                                               max(fwd["large"][0] / fwd["large"][1], 1e-9), 4)
+            out.measured_step_ratio = round((fwd["small"][0] / fwd["small"][1]) /
+                                            max(fwd["large"][0] / fwd["large"][1], 1e-9), 4)
         return out

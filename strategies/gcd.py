@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from strategies.base import Config, RunContext, RunGen, Strategy, param, register
+from declab.core import Config, RunContext, RunGen, RunInputs, Strategy, param, register
 from strategies.grammar import (BUILTIN_GRAMMARS, BUILTIN_NAMES, DEFAULT_GRAMMAR, MAX_SAMPLES, Node, Rule,
-                                check_request, gcd_probs, run_grammar)
+                                prepare_grammar, gcd_probs, run_grammar)
 
 GRAMMAR_HELP = ("Built-in grammar used when no grammar text is given (--grammar-file or the app's editor take "
                 "precedence): " + ", ".join(BUILTIN_NAMES) + ".")
@@ -76,11 +76,11 @@ class Gcd(Strategy):
                    "continuations the model finds very unlikely, and GCD is then forced down that path anyway.")
     Config = GcdConfig
     deterministic = False
-    needs = {"grammar"}
+    takes_grammar = True
     grammar_examples = BUILTIN_GRAMMARS
 
-    def check_request(self, cfg: GcdConfig, request) -> None:
-        check_request(cfg, request)
+    def prepare(self, cfg: GcdConfig, inputs: RunInputs) -> RunInputs:
+        return prepare_grammar(cfg, inputs)
 
     def run(self, ctx: RunContext, cfg: GcdConfig) -> RunGen:
         return (yield from run_grammar(ctx, cfg, GcdRule(cfg)))

@@ -3,11 +3,11 @@ xgrammar mask, the prefix trie with expected-future-grammaticality bookkeeping, 
 run, exact enumeration of small finite grammars, and the KL curves.
 
 Grammar input, in order of precedence:
-  1. `RunContext.extras["grammar"]`: EBNF/GBNF text (the CLI's `--grammar-file`, the app's editor);
+  1. the run's grammar input (`RunInputs.grammar`): EBNF/GBNF text (the CLI's `--grammar-file`, the app's editor);
   2. the config field `grammar`: the name of a built-in grammar (files in strategies/grammars/*.ebnf; default json).
-The text is checked before decoding starts (`check_grammar_text`, called from `Strategy.check_request`, which
-`declab.runner.validate` runs before any model is loaded): a grammar that does not compile is a UserError with
-xgrammar's line and column.
+The text is checked once before decoding starts (`prepare_grammar`, the strategies' `prepare` hook, which the
+engine's plan runs before any model is loaded): a grammar that does not compile is a UserError with xgrammar's line
+and column.
 
 Engine: xgrammar 0.2.8 (algorithms.md 7.4). TokenizerInfo comes from the model's Hugging Face tokenizer with
 vocab_size = the logits width and stop tokens = the model's EOS ids; a tokenizer that is not a Hugging Face one
@@ -66,6 +66,7 @@ sequence of the target: `seq` ids, `q`, `q_gcd` (exact mode), `p_w` = P(w), `cou
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import threading
@@ -78,9 +79,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from declab.errors import UserError
-from declab.sampling import entropy_bits, top_k_filter, top_p_filter
-from strategies.base import Progress, RunContext, RunGen, Sequence
+from declab.core.errors import UserError
+from declab.core.metrics import GrammarMetrics
+from declab.core.sampling import entropy_bits, top_k_filter, top_p_filter
+from declab.core import Progress, RunContext, RunGen, RunInputs, Sequence
 
 GRAMMAR_DIR = Path(__file__).resolve().parent / "grammars"
 DEFAULT_GRAMMAR = "json"
@@ -121,10 +123,9 @@ BUILTIN_NAMES = ("binary_len_3", "binary_len_5", "arithmetic", "json", "sql_sele
 BUILTIN_GRAMMARS = _BuiltinGrammars()
 
 
-def resolve_grammar(cfg, extras: dict) -> tuple[str, str]:
-    """(label, text): the grammar text given in extras (label: the built-in it equals, else 'custom'), else the
-    built-in named by cfg.grammar."""
-    text = extras.get("grammar") if extras else None
+def resolve_grammar(cfg, text: str | None) -> tuple[str, str]:
+    """(label, text): the grammar text given (label: the built-in it equals, else 'custom'), else the built-in
+    named by cfg.grammar."""
     if text is not None:
         if not isinstance(text, str):
             raise UserError(f"grammar must be EBNF text, got {type(text).__name__}")
@@ -154,10 +155,12 @@ def check_grammar_text(text: str) -> None:
         raise UserError(f"grammar does not compile: {_xgrammar_message(e)}") from None
 
 
-def check_request(cfg, request) -> None:
-    """Strategy hook run by declab.runner.validate (before any model is loaded)."""
-    _, text = resolve_grammar(cfg, getattr(request, "extras", None) or {})
+def prepare_grammar(cfg, inputs: RunInputs) -> RunInputs:
+    """`Strategy.prepare` of gcd and asap (before any model is loaded, once per run): the grammar text (given, or
+    the built-in's), parsed once; the inputs carry the text and its name from here on."""
+    label, text = resolve_grammar(cfg, inputs.grammar)
     check_grammar_text(text)
+    return dataclasses.replace(inputs, grammar=text, grammar_name=label)
 
 
 # ================================================================================================ compiled grammars
@@ -443,8 +446,8 @@ class GrammarRun:
 def run_grammar(ctx: RunContext, cfg, rule: Rule) -> RunGen:
     """The shared sampling loop of gcd and asap (see the module docstring). Returns every sample in order."""
     lm, trace = ctx.lm, ctx.trace
-    label, text = resolve_grammar(cfg, ctx.extras)
-    check_grammar_text(text)                        # also when called without the runner's validate
+    inputs = ctx.inputs if ctx.inputs.grammar_name else prepare_grammar(cfg, ctx.inputs)   # prepared by the plan
+    label, text = inputs.grammar_name, inputs.grammar
     mask = GrammarMask(lm, compiled_grammar(lm, text))
     trie = Trie()
     result = GrammarRun(label=label, text=text, trie=trie)
@@ -759,21 +762,20 @@ def _after_sampling(ctx, cfg, rule: Rule, result: GrammarRun, root_logits, promp
         trace.add("node", None, token_id=node.token, token_text=lm.token_text(node.token), node_id=node.node_id,
                   node_parent=node.parent.node_id, depth=node.depth, p=node.p,
                   efg=node.efg if rule.reports_efg else None, visits=node.visits, dead=node.dead)
-    metrics = getattr(ctx, "metrics", None)
-    if isinstance(metrics, dict):
-        done = len(samples)
-        metrics.update(grammar=result.label, samples=done,
-                       complete_rate=round(sum(s.complete for s in samples) / done, 6) if done else 0.0,
-                       trie_nodes=result.trie.size, kl_exact=exact is not None)
-        if curve:
-            metrics.update(kl=_finite(curve[-1]["kl"]), kl_window=_finite(curve[-1]["kl_window"]))
-        if rule.reports_efg:
-            metrics["efg_root"] = result.trie.root.efg
-        if exact is not None:
-            metrics.update(z=exact.z, kl_gcd_limit=_finite(kl(_normalised(exact.q_gcd), exact.q)))
-        if result.mask_ms:
-            ms = sorted(result.mask_ms)
-            metrics["median_mask_ms"] = ms[len(ms) // 2]
+    done = len(samples)
+    metrics = GrammarMetrics(grammar=result.label, samples=done,
+                             complete_rate=round(sum(s.complete for s in samples) / done, 6) if done else 0.0,
+                             trie_nodes=result.trie.size, kl_exact=exact is not None)
+    if curve:
+        metrics.kl, metrics.kl_window = _finite(curve[-1]["kl"]), _finite(curve[-1]["kl_window"])
+    if rule.reports_efg:
+        metrics.efg_root = result.trie.root.efg
+    if exact is not None:
+        metrics.z, metrics.kl_gcd_limit = exact.z, _finite(kl(_normalised(exact.q_gcd), exact.q))
+    if result.mask_ms:
+        ms = sorted(result.mask_ms)
+        metrics.median_mask_ms = ms[len(ms) // 2]
+    ctx.metrics = metrics
 
 
 def _normalised(d: dict) -> dict:

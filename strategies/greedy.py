@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from strategies.base import Config, RunContext, RunGen, Strategy, register
-from strategies.chain import token_loop
+from declab.core import Config, RunContext, RunGen, Strategy, register
+from declab.core.loop import Choice, Selector, token_loop
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,12 @@ class Greedy(Strategy):
     Config = GreedyConfig
 
     def run(self, ctx: RunContext, cfg: GreedyConfig) -> RunGen:
-        def select(logits, step):
-            token = int(logits.argmax())
-            return token, float(logits.log_softmax(-1)[token]), {}
-        return (yield from token_loop(ctx, select))
+        return (yield from token_loop(ctx, Argmax()))
+
+
+class Argmax(Selector):
+    name = "greedy"
+
+    def apply(self, logits, step):
+        token = int(logits.argmax())
+        return Choice(token, float(logits.log_softmax(-1)[token]))

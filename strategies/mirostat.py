@@ -50,9 +50,9 @@ from dataclasses import dataclass
 
 import torch
 
-from declab.sampling import LN2, draw
-from strategies.base import Config, RunContext, RunGen, Strategy, param, register
-from strategies.chain import token_loop
+from declab.core.sampling import LN2, draw
+from declab.core import Config, RunContext, RunGen, Strategy, param, register
+from declab.core.loop import Choice, Selector, token_loop
 
 
 @dataclass(frozen=True)
@@ -107,17 +107,32 @@ def reference_round(k: float, vocab_size: int) -> int:
     return int(min(max(round(k) + 1, 1), vocab_size))
 
 
-class Controller:
-    """One run's mirostat state (mu and the running surprise) and its selector. Never shared between runs."""
+class Controller(Selector):
+    """One run's mirostat state (mu and the running surprise) as a selector. Never shared between runs. `apply`
+    measures the surprise and proposes the next mu; `accept` commits it (the feedback step of the paper)."""
+
+    name = "mirostat"
 
     def __init__(self, cfg: MirostatConfig, vocab_size: int, generator: torch.Generator):
         self.cfg, self.vocab_size, self.generator = cfg, vocab_size, generator
-        self.mu = 2.0 * cfg.tau
         self.ranks = min(cfg.m, vocab_size)
+        self.reset()
+
+    def reset(self) -> None:
+        self.mu = self.mu_next = 2.0 * self.cfg.tau
         self.total_surprise, self.steps = 0.0, 0
 
+    def accept(self, token: int) -> None:
+        self.mu = self.mu_next
+
     def select(self, logits: torch.Tensor, step: int = 0) -> tuple[int, float, dict]:
-        """logits [V] -> (token, ln p of the token under the kept set renormalised, trace columns)."""
+        """apply + accept in one call: (token, score, trace columns)."""
+        choice = self.apply(logits, step)
+        self.accept(choice.token)
+        return choice.token, choice.score, choice.columns
+
+    def apply(self, logits: torch.Tensor, step: int = 0) -> Choice:
+        """logits [V] -> the token, its ln p under the kept set renormalised, trace columns."""
         cfg = self.cfg
         logits = logits.float()
         logp = torch.log_softmax(logits / cfg.temperature if cfg.temperature != 1.0 else logits, -1)   # [V]
@@ -150,12 +165,12 @@ class Controller:
         surprise = -(score if cfg.surprise_from == "truncated" else lp) / LN2
         error = surprise - cfg.tau
         mu_before = self.mu
-        self.mu = mu_before - cfg.eta * error
+        self.mu_next = mu_before - cfg.eta * error
         self.total_surprise += surprise
         self.steps += 1
-        extra.update(k=k, mu=mu_before, mu_after=self.mu, surprise=surprise, error=error,
+        extra.update(k=k, mu=mu_before, mu_after=self.mu_next, surprise=surprise, error=error,
                      surprise_mean=self.total_surprise / self.steps, cut_mass=max(0.0, -math.expm1(lnorm)))
-        return token, score, extra
+        return Choice(token, score, extra)
 
 
 @register
@@ -176,4 +191,4 @@ class Mirostat(Strategy):
 
     def run(self, ctx: RunContext, cfg: MirostatConfig) -> RunGen:
         controller = Controller(cfg, ctx.lm.vocab_size, ctx.generator)      # per-run state, never on the LM
-        return (yield from token_loop(ctx, controller.select))
+        return (yield from token_loop(ctx, controller))

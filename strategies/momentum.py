@@ -50,9 +50,9 @@ from dataclasses import dataclass
 
 import torch
 
-from declab.errors import UserError
-from strategies.base import Config, RunContext, RunGen, Strategy, param, register
-from strategies.chain import token_loop
+from declab.core.errors import UserError
+from declab.core import Config, RunContext, RunGen, Strategy, param, register
+from declab.core.loop import Choice, Selector, token_loop
 
 INF = math.inf
 RESISTANCE_TABLES: dict[str, tuple[float, ...] | None] = {
@@ -156,43 +156,57 @@ class Momentum(Strategy):
     Config = MomentumConfig
 
     def run(self, ctx: RunContext, cfg: MomentumConfig) -> RunGen:
-        lm = ctx.lm
-        k = min(cfg.top_k, lm.vocab_size)
-        graph = NgramIndex(cfg.max_ngram, ctx.prompt_ids)
+        return (yield from token_loop(ctx, Resistance(cfg, ctx.lm.vocab_size, ctx.prompt_ids, ctx.lm.device)))
+
+
+class Resistance(Selector):
+    """The re-scoring selector: `apply` ranks the top-k by p - alpha R(l); `accept` adds the emitted token to the
+    graph (the walk moves on)."""
+
+    name = "momentum"
+
+    def __init__(self, cfg: MomentumConfig, vocab_size: int, prompt_ids, device):
+        self.cfg, self.prompt_ids = cfg, list(prompt_ids)
+        self.k = min(cfg.top_k, vocab_size)
         table_len = cfg.max_ngram + 1
-        r_table = torch.tensor([resistance_value(cfg.resistance, n) for n in range(table_len)],
-                               dtype=torch.float32, device=lm.device)            # [Lmax+1]
-        penalty_table = r_table * cfg.alpha if cfg.alpha > 0 else torch.zeros_like(r_table)   # α·R, 0·inf = 0
+        self.r_table = torch.tensor([resistance_value(cfg.resistance, n) for n in range(table_len)],
+                                    dtype=torch.float32, device=device)             # [Lmax+1]
+        self.penalty_table = self.r_table * cfg.alpha if cfg.alpha > 0 else torch.zeros_like(self.r_table)  # α·R
+        self.reset()
 
-        def select(logits: torch.Tensor, step: int):
-            vals, idx = torch.topk(logits, k)                                    # [k] by logit, descending
-            idx, perm = idx.sort()                                               # ties -> lowest id first
-            vals, perm2 = vals[perm].sort(descending=True, stable=True)
-            idx = idx[perm2]                                                     # [k] (logit desc, id asc)
-            logp = vals - torch.logsumexp(logits, -1)                            # [k] ln p
-            p = logp.exp()                                                       # [k]
-            cand = idx.tolist()                                                  # host sync 1
-            lengths = graph.repeat_lengths(cand)
-            l_t = torch.tensor(lengths, dtype=torch.long, device=logits.device)  # [k]
-            score = p - penalty_table[l_t]                                       # [k]
-            rank = int(score.argmax())                                           # host sync 2: first max
-            token = cand[rank]
-            top1_known = cand[0] in graph.count
-            label = 0 if not top1_known else (1 if rank == 0 else 2)
-            revisit = token in graph.count
-            graph.add(token)
-            n_rows = min(k, MAX_TRACED_CANDIDATES)
-            p_l, logp_l, s_l, r_l = (t[:n_rows].tolist() for t in (p, logp, score, r_table[l_t]))  # host sync 3
-            rows = [{"token_id": cand[i], "logprob": logp_l[i], "score": s_l[i], "rank": i, "p": p_l[i],
-                     "repeat_len": lengths[i], "resistance": r_l[i]} for i in range(n_rows)]
-            if rank >= n_rows:
-                rows.append({"token_id": token, "logprob": float(logp[rank]), "score": float(score[rank]),
-                             "rank": rank, "p": float(p[rank]), "repeat_len": lengths[rank],
-                             "resistance": float(r_table[lengths[rank]])})
-            chosen = rows[rank] if rank < n_rows else rows[-1]
-            extra = {"rank": rank, "p": chosen["p"], "p_top1": p_l[0], "repeat_len": lengths[rank],
-                     "resistance": chosen["resistance"], "overridden": rank != 0, "label": label,
-                     "revisit": revisit}
-            return token, chosen["score"], extra, rows
+    def reset(self) -> None:
+        self.graph = NgramIndex(self.cfg.max_ngram, self.prompt_ids)
 
-        return (yield from token_loop(ctx, select))
+    def accept(self, token: int) -> None:
+        self.graph.add(token)
+
+    def apply(self, logits: torch.Tensor, step: int) -> Choice:
+        graph, k, r_table = self.graph, self.k, self.r_table
+        vals, idx = torch.topk(logits, k)                                    # [k] by logit, descending
+        idx, perm = idx.sort()                                               # ties -> lowest id first
+        vals, perm2 = vals[perm].sort(descending=True, stable=True)
+        idx = idx[perm2]                                                     # [k] (logit desc, id asc)
+        logp = vals - torch.logsumexp(logits, -1)                            # [k] ln p
+        p = logp.exp()                                                       # [k]
+        cand = idx.tolist()                                                  # host sync 1
+        lengths = graph.repeat_lengths(cand)
+        l_t = torch.tensor(lengths, dtype=torch.long, device=logits.device)  # [k]
+        score = p - self.penalty_table[l_t]                                  # [k]
+        rank = int(score.argmax())                                           # host sync 2: first max
+        token = cand[rank]
+        top1_known = cand[0] in graph.count
+        label = 0 if not top1_known else (1 if rank == 0 else 2)
+        revisit = token in graph.count
+        n_rows = min(k, MAX_TRACED_CANDIDATES)
+        p_l, logp_l, s_l, r_l = (t[:n_rows].tolist() for t in (p, logp, score, r_table[l_t]))  # host sync 3
+        rows = [{"token_id": cand[i], "logprob": logp_l[i], "score": s_l[i], "rank": i, "p": p_l[i],
+                 "repeat_len": lengths[i], "resistance": r_l[i]} for i in range(n_rows)]
+        if rank >= n_rows:
+            rows.append({"token_id": token, "logprob": float(logp[rank]), "score": float(score[rank]),
+                         "rank": rank, "p": float(p[rank]), "repeat_len": lengths[rank],
+                         "resistance": float(r_table[lengths[rank]])})
+        chosen = rows[rank] if rank < n_rows else rows[-1]
+        extra = {"rank": rank, "p": chosen["p"], "p_top1": p_l[0], "repeat_len": lengths[rank],
+                 "resistance": chosen["resistance"], "overridden": rank != 0, "label": label,
+                 "revisit": revisit}
+        return Choice(token, chosen["score"], extra, rows)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from declab.sampling import draw, warp
-from strategies.base import Config, RunContext, RunGen, Strategy, param, register
-from strategies.chain import token_loop
+from declab.core.sampling import sample_or_argmax
+from declab.core import Config, RunContext, RunGen, Strategy, param, register
+from declab.core.loop import Choice, Selector, token_loop
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,19 @@ class Sample(Strategy):
     deterministic = False
 
     def run(self, ctx: RunContext, cfg: SampleConfig) -> RunGen:
-        def select(logits, step):
-            warped = warp(logits, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)       # [V]
-            token = draw(warped, ctx.generator)
-            kept = int(torch.isfinite(warped).sum())
-            return token, float(warped.log_softmax(-1)[token]), {"k": kept}
-        return (yield from token_loop(ctx, select))
+        return (yield from token_loop(ctx, Warped(cfg, ctx.generator)))
+
+
+class Warped(Selector):
+    """Warp (temperature -> top-k -> top-p -> min-p) and draw; `k` = tokens left after truncation."""
+
+    name = "sample"
+
+    def __init__(self, cfg: SampleConfig, generator: torch.Generator):
+        self.cfg, self.generator = cfg, generator
+
+    def apply(self, logits, step):
+        cfg = self.cfg
+        token, warped = sample_or_argmax(logits, self.generator, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
+        kept = int(torch.isfinite(warped).sum())
+        return Choice(token, float(warped.log_softmax(-1)[token]), {"k": kept})

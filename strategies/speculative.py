@@ -67,11 +67,13 @@ from dataclasses import dataclass
 
 import torch
 
-from declab.errors import UserError
-from declab.sampling import draw_from, entropy_bits
-from strategies.base import Config, Progress, RunContext, RunGen, Sequence, Strategy, param, register
-from strategies.two_model import (ModelState, expected_tokens_per_round, named_model, probs, second_lm,
-                                  speculative_step, target_only_ms)
+from declab.core.errors import UserError
+from declab.core.sampling import draw_from, entropy_bits
+from declab.core import (Config, ModelNeed, Needs, Progress, RunContext, RunGen, Sequence, Strategy, param,
+                         register)
+from declab.core.metrics import SpeculativeMetrics
+from strategies.two_model import (ModelState, expected_tokens_per_round, named_model, probs, speculative_step,
+                                  target_only_ms)
 
 MODEL_FREE = ("ngram", "prompt_lookup")
 ADAPTIVE = ("off", "heuristic", "confidence", "specdec")
@@ -250,14 +252,13 @@ class Speculative(Strategy):
                    "yet several tokens can come out of one expensive pass.")
     Config = SpeculativeConfig
     deterministic = False
-    needs = {"second_model"}
+    roles = ("draft",)
 
-    @staticmethod
-    def named_second_model(cfg: SpeculativeConfig) -> str | None:
-        """The second model this config needs: a key, '' for the paired one, None for model-free drafters."""
+    def needs(self, cfg: SpeculativeConfig) -> Needs:
+        """A draft model (the key `draft` names, else the paired one), or none for the model-free drafters."""
         if cfg.draft.strip() in MODEL_FREE:
-            return None
-        return named_model(cfg.draft) or ""
+            return Needs()
+        return Needs(models=(ModelNeed("draft", named_model(cfg.draft) or ""),))
 
     def make_drafter(self, ctx: RunContext, cfg: SpeculativeConfig):
         d = cfg.draft.strip()
@@ -265,7 +266,7 @@ class Speculative(Strategy):
             return NgramDrafter(ctx.lm.eos_ids)
         if d == "prompt_lookup":
             return PromptLookupDrafter(cfg.ngram_size, ctx.lm.eos_ids)
-        return ModelDrafter(second_lm(ctx, named_model(d), "draft"), cfg, ctx.generator, ctx.lm.eos_ids)
+        return ModelDrafter(ctx.model("draft"), cfg, ctx.generator, ctx.lm.eos_ids)
 
     def run(self, ctx: RunContext, cfg: SpeculativeConfig) -> RunGen:
         lm, trace = ctx.lm, ctx.trace
@@ -378,36 +379,34 @@ class Speculative(Strategy):
             if cfg.adaptive == "heuristic" and drafts:
                 gamma = min(cfg.max_draft_tokens, gamma + 2) if n_acc == len(drafts) else max(1, gamma - 1)
             rnd += 1
-            ctx.metrics.update(self.metrics(stats, by_pos, drafter))
+            ctx.metrics = self.metrics(stats, by_pos, drafter)
             yield Progress(max(0, len(generated) - 1), generated)
         spec_ms = lm.clock_ms() - t_start
         metrics = self.metrics(stats, by_pos, drafter)
-        metrics["spec_ms"] = round(spec_ms, 2)
+        metrics.spec_ms = round(spec_ms, 2)
         if cfg.measure_speedup and stats["emitted"] and not ctx.stop.is_set():
             base_ms = target_only_ms(lm, ctx.prompt_ids, stats["emitted"], ctx.stop)
             if base_ms is not None:   # speedup from the rounded times, so the three stored numbers agree
-                metrics["target_only_ms"] = round(base_ms, 2)
-                metrics["speedup"] = round(metrics["target_only_ms"] / max(metrics["spec_ms"], 0.01), 4)
-        ctx.metrics.update(metrics)
+                metrics.target_only_ms = round(base_ms, 2)
+                metrics.speedup = round(metrics.target_only_ms / max(metrics.spec_ms, 0.01), 4)
+        ctx.metrics = metrics
         return [Sequence(token_ids=list(generated), score=total_logprob)]
 
     @staticmethod
-    def metrics(stats: dict, by_pos: dict, drafter) -> dict:
+    def metrics(stats: dict, by_pos: dict, drafter) -> SpeculativeMetrics:
         drafted, rounds = stats["drafted"], max(stats["rounds"], 1)
         alpha = stats["accepted"] / stats["verified"] if stats["verified"] else None
         gamma_mean = drafted / rounds
-        out = {"drafter": drafter.name, "rounds": stats["rounds"], "drafted": drafted, "accepted": stats["accepted"],
-               "acceptance_rate": round(stats["accepted"] / drafted, 6) if drafted else None,
-               "alpha_hat": round(alpha, 6) if alpha is not None else None,
-               "mean_accepted_length": round(stats["emitted"] / rounds, 6),
-               "mean_draft_length": round(gamma_mean, 6), "bonus_tokens": stats["bonus"],
-               "resampled_tokens": stats["resampled"],
-               "acceptance_by_position": {str(k): round(a / n, 4) for k, (a, n) in sorted(by_pos.items()) if n}}
-        if alpha is not None and gamma_mean:
-            out["expected_tokens_per_round"] = round(expected_tokens_per_round(alpha, round(gamma_mean)), 4)
-        if isinstance(drafter, ModelDrafter):
-            out["draft_forwards"] = drafter.state.forwards
-        return {k: v for k, v in out.items() if v is not None}
+        return SpeculativeMetrics(
+            drafter=drafter.name, rounds=stats["rounds"], drafted=drafted, accepted=stats["accepted"],
+            acceptance_rate=round(stats["accepted"] / drafted, 6) if drafted else None,
+            alpha_hat=round(alpha, 6) if alpha is not None else None,
+            mean_accepted_length=round(stats["emitted"] / rounds, 6), mean_draft_length=round(gamma_mean, 6),
+            bonus_tokens=stats["bonus"], resampled_tokens=stats["resampled"],
+            acceptance_by_position={str(k): round(a / n, 4) for k, (a, n) in sorted(by_pos.items()) if n},
+            expected_tokens_per_round=round(expected_tokens_per_round(alpha, round(gamma_mean)), 4)
+            if alpha is not None and gamma_mean else None,
+            draft_forwards=drafter.state.forwards if isinstance(drafter, ModelDrafter) else None)
 
 
 def _one_hot(token: int, V: int, like: torch.Tensor) -> torch.Tensor:

@@ -55,8 +55,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from declab.errors import UserError
-from strategies.base import Config, Progress, RunContext, RunGen, Sequence, Strategy, param, register
+from declab.core.errors import UserError
+from declab.core import Config, Progress, RunContext, RunGen, RunInputs, Sequence, Strategy, param, register
+from declab.core.corpus import corpus_identity
+from declab.core.metrics import SuperposedMetrics
+from strategies.superposed_ngrams import load_ngrams
 
 LN2 = math.log(2.0)
 
@@ -119,21 +122,23 @@ class Superposed(Strategy):
                    "You get k different continuations, ranked, at almost the cost of one greedy run.")
     Config = SuperposedConfig
 
-    def check_request(self, cfg: SuperposedConfig, request) -> None:
+    def prepare(self, cfg: SuperposedConfig, inputs: RunInputs) -> RunInputs:
         """Before any model is loaded: a user corpus must be a readable text file or folder."""
         if cfg.alpha > 0 and cfg.ngram_corpus:
-            from strategies.superposed_ngrams import corpus_identity
             corpus_identity(cfg.ngram_corpus)
+        return inputs
 
     def run(self, ctx: RunContext, cfg: SuperposedConfig) -> RunGen:
         lm, trace = ctx.lm, ctx.trace
         k, n_tok, alpha, tau = cfg.num_drafts, cfg.num_token_sample, float(cfg.alpha), float(cfg.temperature)
         ngrams = None
         if alpha > 0:
-            from strategies.superposed_ngrams import load_ngrams
             ngrams = load_ngrams(lm, cfg.ngram_corpus, tuple(cfg.orders))
-            ctx.metrics.update({"ngram_corpus": ngrams.info.get("corpus"), "ngram_tokens": ngrams.info["tokens"],
-                                "ngram_cached": ngrams.info.get("cached")})
+            info = {"ngram_corpus": ngrams.info.get("corpus"), "ngram_tokens": ngrams.info["tokens"],
+                    "ngram_cached": ngrams.info.get("cached")}
+        else:
+            info = {}
+        ctx.metrics = SuperposedMetrics(drafts=k, **info)
         orders = list(cfg.orders)
         E = lm.embedding_matrix.detach()                                    # [V_in, H]
         eos = lm.eos_ids
@@ -254,8 +259,8 @@ class Superposed(Strategy):
             trace.add("finish", dr.step, branch_id=dr.slot, parent_id=dr.slot, position=P + max(dr.step, 0),
                       score=self._score(dr), cum_score=dr.lp, ppl=dr.ppl, gen_len=dr.gen_len, eos=dr.eos,
                       final_rank=rank_of.get(id(dr)))
-        ctx.metrics.update({"drafts": k, "forwards": steps_done, "fallback_steps": fallback_steps,
-                            "finished_drafts": len(finished)})
+        ctx.metrics = SuperposedMetrics(drafts=k, forwards=steps_done, fallback_steps=fallback_steps,
+                                        finished_drafts=len(finished), **info)
         return [Sequence(token_ids=list(dr.token_ids), score=self._score(dr),
                          extra={"ppl": dr.ppl if math.isfinite(dr.ppl) else None,
                                 "cum_score": dr.lp if math.isfinite(dr.lp) else None,

@@ -1,7 +1,7 @@
 """n-gram models for Superposed Decoding (strategies/superposed.py): orders 2..7 over a tokenized text corpus.
 
 Storage (compact, built once, cached): the corpus tokenized with the model's own tokenizer is kept as one uint32
-array of token ids plus the document start offsets, in `<cache_root>/ngrams/<key>.npz` (`declab.loading.cache_root`,
+array of token ids plus the document start offsets, in `<cache_root>/ngrams/<key>.npz` (`declab.core.paths.cache_root`,
 i.e. `$DECLAB_CACHE` or `~/.cache/declab`). The key hashes the model key, its vocabulary size and the corpus
 identity (each file's path, size and mtime; for the default corpus the Python version), so a new corpus or a
 new tokenizer builds a new file. Tokenizing is the expensive part (seconds); the count tables are rebuilt from
@@ -26,11 +26,8 @@ folder of .txt/.md/.rst files (one document per file, or per blank-line-separate
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import os
-import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -39,100 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
-from declab.errors import UserError
+from declab.core.corpus import corpus_documents, corpus_identity, default_corpus_documents  # noqa: F401
+from declab.core.errors import UserError
+from declab.core.paths import cache_root
 
 MULT = np.uint64(0x9E3779B97F4A7C15)           # odd 64-bit multiplier of the rolling hash
 MASK = (1 << 64) - 1
 MAX_ORDER = 7
 SLOW_TOKENIZER_CHARS = 60_000   # default-corpus slice for tokenizers that are not HF fast ones
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
-STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "site-packages", "dist-packages",
-               "pydoc_data", "ensurepip", "venv"}
 _MEMO: dict[str, "NGramModel"] = {}
 _LOCK = threading.Lock()
-
-
-# ------------------------------------------------------------------------------------------------ corpora
-def default_corpus_documents(max_chars: int | None = None) -> list[str]:
-    """The default corpus: CPython's Language Reference topics plus standard-library docstrings (see module doc);
-    with max_chars, the first documents up to that size."""
-    docs: list[str] = []
-    try:
-        from pydoc_data.topics import topics
-        docs.extend(str(v) for _, v in sorted(topics.items()))
-    except ImportError:                                          # a stripped Python: docstrings only
-        pass
-    if max_chars is not None and sum(map(len, docs)) >= max_chars:
-        out, size = [], 0
-        for d in docs:
-            if size >= max_chars:
-                break
-            out.append(d)
-            size += len(d)
-        return out
-    root = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).parts
-        if any(part in STDLIB_SKIP for part in rel[:-1]) or rel[-1].startswith("test_"):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 80:
-                    docs.append(doc)
-    return docs
-
-
-def _corpus_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-        if files:
-            return files
-        raise UserError(f"superposed: ngram_corpus folder {path} has no {'/'.join(TEXT_SUFFIXES)} files")
-    raise UserError(f"superposed: ngram_corpus {path} is not a file or folder")
-
-
-def corpus_identity(corpus: str) -> str:
-    """A string that changes when the corpus changes (paths, sizes, mtimes; the Python version for the default)."""
-    if not corpus:
-        return f"python-docs:{sys.version_info[:3]}:{sysconfig.get_paths()['stdlib']}"
-    parts = []
-    for f in _corpus_files(Path(corpus).expanduser()):
-        st = f.stat()
-        parts.append(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}")
-    return "\n".join(parts)
-
-
-def corpus_documents(corpus: str) -> list[str]:
-    """A user corpus: each file is split into documents at blank-line runs of paragraphs (~4 KB blocks)."""
-    if not corpus:
-        return default_corpus_documents()
-    docs: list[str] = []
-    for f in _corpus_files(Path(corpus).expanduser()):
-        try:
-            text = f.read_text(encoding="utf-8", errors="replace")
-        except OSError as e:
-            raise UserError(f"superposed: cannot read ngram_corpus file {f}: {e}") from None
-        block: list[str] = []
-        size = 0
-        for para in text.split("\n\n"):
-            block.append(para)
-            size += len(para)
-            if size > 4000:
-                docs.append("\n\n".join(block))
-                block, size = [], 0
-        if block:
-            docs.append("\n\n".join(block))
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise UserError(f"superposed: ngram_corpus {corpus} has no text")
-    return docs
 
 
 # ------------------------------------------------------------------------------------------------ tokenizing
@@ -153,7 +66,6 @@ def cache_key(lm, corpus: str) -> str:
 
 
 def cache_path(lm, corpus: str) -> Path:
-    from declab.loading import cache_root
     return cache_root() / "ngrams" / f"{cache_key(lm, corpus)}.npz"
 
 

@@ -1,10 +1,10 @@
 """Shared pieces of the two-model strategies (ead, speculative): the second model, per-model KV caches that catch
 up on tokens they missed, the speculative acceptance test, and the metrics both report.
 
-Second model. The app puts `second_model` (a key from the model's models.yaml `pairs`) and `second_lm` (the loaded
-LM) into `RunRequest.extras`; the CLI does the same through `declab.runner.attach_second_model`. A strategy may
-also name a model key in its own parameters (speculative `draft`, ead `small`); `second_lm` resolves all of this
-and checks that both models share the tokenizer (same logits width, same token texts).
+Second model. A strategy declares its role (`roles = ("draft",)`, ...) and, through `needs(cfg)`, the key its
+parameters name (speculative `draft`, ead `small`, contrastive `amateur`; `named_model` reads such a value). The
+engine's plan and resolver (declab/run/) load it, check that it shares the tokenizer, and hand it over as
+`ctx.model(role)`; strategies never load models.
 
 Caches. Each model keeps its own cache and the token ids it holds (`ModelState`). `advance(seq)` crops the cache to
 the longest prefix it shares with `seq` (never all of it: the last token is always fed, so its logits come out),
@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from declab.errors import UserError
-from declab.sampling import draw_from
+from declab.core.sampling import draw_from, warp
 
 SECOND_MODEL_DEFAULTS = ("model", "pair", "")     # parameter values meaning "the second model beside the model"
 
@@ -30,53 +29,6 @@ def named_model(value: str) -> str | None:
     """A model key named in a parameter, or None when the value means the paired second model."""
     value = (value or "").strip()
     return None if value in SECOND_MODEL_DEFAULTS else value
-
-
-def second_lm(ctx, key: str | None, role: str):
-    """The second LM for this run: the one in ctx.extras (checked against `key` when a key is named), else loaded
-    with declab.runner.get_lm by key (`key`, else extras['second_model'], else the model's first models.yaml pair).
-    Checks the tokenizer matches."""
-    extras = ctx.extras
-    lm2 = extras.get("second_lm")
-    have = extras.get("second_model") or getattr(lm2, "key", None)
-    if lm2 is not None and key is not None and have != key:
-        raise UserError(f"{role} model '{key}' was asked for, but the second model loaded for this run is '{have}'; "
-                        f"choose '{key}' as the second model (or set the parameter to 'model')")
-    if lm2 is None:
-        pairs = model_pairs(ctx.lm)
-        want = key or extras.get("second_model") or (pairs[0] if pairs else None)
-        if not want:
-            raise UserError(f"this strategy needs a {role} model and model '{ctx.lm.key}' lists none under `pairs` "
-                            f"in models.yaml: pick a second model or name one in the parameters")
-        from declab.runner import get_lm
-        lm2 = get_lm(want)
-    check_same_tokenizer(ctx.lm, lm2)
-    return lm2
-
-
-def model_pairs(lm) -> tuple[str, ...]:
-    """The model's `pairs` in the current registry (else on its own spec)."""
-    from declab.registry import load_registry
-    try:
-        spec = load_registry().models.get(lm.key)
-    except UserError:
-        spec = None
-    spec = spec or getattr(lm, "spec", None)
-    return tuple(getattr(spec, "pairs", ()) or ())
-
-
-def check_same_tokenizer(lm, other) -> None:
-    if lm.vocab_size != other.vocab_size:
-        raise UserError(f"models '{lm.key}' and '{other.key}' do not share a tokenizer (logits width {lm.vocab_size} vs "
-                        f"{other.vocab_size}); pick a pair from models.yaml")
-    n = min(lm.vocab_size, 64)
-    probe = sorted({0, 1, 2, n // 2, n - 1, lm.vocab_size // 3, lm.vocab_size - 1} & set(range(lm.vocab_size)))
-    try:
-        same = all(lm.token_text(i) == other.token_text(i) for i in probe)
-    except (IndexError, KeyError):
-        same = False
-    if not same:
-        raise UserError(f"models '{lm.key}' and '{other.key}' do not share a tokenizer; pick a pair from models.yaml")
 
 
 def model_params(lm) -> int | None:
@@ -144,7 +96,6 @@ def common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
 def probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """The warped distribution both models sample from (identical warpers on p and q). temperature 0 = greedy
     (a point mass on the argmax)."""
-    from declab.sampling import warp
     if temperature == 0:
         return torch.zeros_like(logits).scatter(-1, logits.argmax(-1, keepdim=True), 1.0)
     return warp(logits, temperature, top_k, top_p).softmax(-1)

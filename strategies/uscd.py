@@ -13,7 +13,7 @@ output should be ..."); MBPP style, every `assert ...` test line. On HumanEval's
 (38, 41, 50, 83, 144: prompts with no examples, whose lame prompt equals the prompt, so uscd = plain decoding by
 5.4 (a): greedy uscd equals greedy there). The rules work on any text, so they
 apply inside a chat message as well (the prompt text is the user message; the lame text is wrapped in the same
-chat template). The user can give it instead: ctx.extras["lame_prompt"] (app text box, CLI `--lame-prompt`), in
+chat template). The user can give it instead: ctx.inputs.lame_prompt (app text box, CLI `--lame-prompt`), in
 the same format as the prompt (a chat message when the prompt is one).
 
 Rule (5.2, as implemented by the reference), per step with p_s, p_l the standard / lame next-token distributions:
@@ -43,6 +43,10 @@ Deviation from the reference (on purpose, 5.2 "differences to watch"): the token
 scores is appended to BOTH rows every step, in both branches, so the lame context never drifts from the real
 output (the reference lets the lame row decode and sample on its own).
 
+Loop: uscd owns its loop instead of the engine's per-token loop (declab/core/loop.py): every step is one B = 2
+forward over two left-padded rows with their own attention mask and position ids, and the chosen token is fed to
+both rows; the shared loop drives one row of one model.
+
 Trace, per step: the `token` row (logprob = ln p_s of the chosen token, score = the score it was chosen by) with
 `u_std`, `sum_sq`, `p_max`, `contrast` (the gate), `keep_size`, `p_std` / `p_lame` (of the chosen token),
 `plain_token` (argmax p_s) and `flip` (the choice differs from plain greedy), `contrast_token` (argmax of the
@@ -60,10 +64,11 @@ from dataclasses import dataclass
 
 import torch
 
-from declab.errors import UserError
-from declab.sampling import entropy_bits
-from strategies.base import Config, Progress, RunContext, RunGen, Sequence, Strategy, param, register
-from strategies.contrastive import NEG_INF, add_candidates, choose
+from declab.core.errors import UserError
+from declab.core.sampling import entropy_bits
+from declab.core import Config, Progress, RunContext, RunGen, Sequence, Strategy, param, register
+from declab.core.metrics import ContrastMetrics
+from strategies.contrastive import NEG_INF, add_candidates, choose, ranked
 
 REFERENCE_V = 32016          # CodeLlama's vocabulary (the published run)
 REFERENCE_T = 0.005
@@ -149,7 +154,7 @@ class USCD(Strategy):
                    "the same chosen token.")
     Config = USCDConfig
     deterministic = False
-    needs = {"lame_prompt"}
+    takes_lame_prompt = True
 
     def run(self, ctx: RunContext, cfg: USCDConfig) -> RunGen:
         lm, trace = ctx.lm, ctx.trace
@@ -208,11 +213,12 @@ class USCD(Strategy):
                       dt_ms=out.fwd_ms + sel_ms, u_std=u_std, sum_sq=stats[2], p_max=stats[3], contrast=use_contrast,
                       keep_size=int(stats[5]), p_std=stats[6], p_lame=stats[7], plain_token=plain, flip=flip,
                       contrast_token=ctok, fallback=gate and not finite, fwd_ms=out.fwd_ms, sel_ms=sel_ms)
-            add_candidates(ctx, step, token, "standard", stops.indices.tolist(), stops.values.tolist(), "logprob")
-            add_candidates(ctx, step, token, "lame", ltops.indices.tolist(), ltops.values.tolist(), "logprob")
-            add_candidates(ctx, step, token, "contrast", ctops.indices.tolist(), ctops.values.tolist(), "score")
+            add_candidates(ctx, step, token,
+                           ranked("standard", stops.indices.tolist(), stops.values.tolist(), "logprob") +
+                           ranked("lame", ltops.indices.tolist(), ltops.values.tolist(), "logprob") +
+                           ranked("contrast", ctops.indices.tolist(), ctops.values.tolist(), "score"))
             total += stats[8]
-            ctx.metrics.update(self.metrics(n_contrast, flips, steps, lame_ids, std_ids))
+            ctx.metrics = self.metrics(n_contrast, flips, steps, lame_ids, std_ids)
             if token in lm.eos_ids:
                 break
             generated.append(token)
@@ -223,18 +229,17 @@ class USCD(Strategy):
                 out = lm.step(torch.tensor([[token], [token]], dtype=torch.long), out.cache, attention_mask=mask,
                               position_ids=next_pos)
                 next_pos = next_pos + 1
-        ctx.metrics.update(self.metrics(n_contrast, flips, steps, lame_ids, std_ids))
+        ctx.metrics = self.metrics(n_contrast, flips, steps, lame_ids, std_ids)
         return [Sequence(token_ids=list(generated), score=total, extra={"lame_prompt": lame_text})]
 
     @staticmethod
     def lame_ids(ctx: RunContext) -> tuple[str, list[int]]:
-        """The lame prompt's text and ids, in the same format as the prompt (the runner passes the prompt text and
-        format in extras; without them the prompt ids are decoded and the lame text encoded raw)."""
-        lm, extras = ctx.lm, ctx.extras
-        given = extras.get("lame_prompt")
-        text = extras.get("prompt_text")
-        fmt = extras.get("prompt_format") or "raw"
-        if text is None:
+        """The lame prompt's text and ids, in the same format as the prompt (from ctx.inputs; without a prompt text
+        there, the prompt ids are decoded and the lame text encoded raw)."""
+        lm, inputs = ctx.lm, ctx.inputs
+        given = inputs.lame_prompt
+        text, fmt = inputs.prompt, inputs.prompt_format or "raw"
+        if not text:
             text, fmt = lm.decode(ctx.prompt_ids), "raw"
         lame = given if isinstance(given, str) and given.strip() else lame_prompt(text)
         ids = lm.encode_prompt(lame, fmt)
@@ -243,6 +248,7 @@ class USCD(Strategy):
         return lame, ids
 
     @staticmethod
-    def metrics(n_contrast: int, flips: int, steps: int, lame_ids: list[int], std_ids: list[int]) -> dict:
-        return {"contrast_steps": n_contrast, "contrast_fraction": round(n_contrast / steps, 6) if steps else 0.0,
-                "flips": flips, "lame_prompt_tokens": len(lame_ids), "lame_same_as_prompt": lame_ids == std_ids}
+    def metrics(n_contrast: int, flips: int, steps: int, lame_ids: list[int], std_ids: list[int]) -> ContrastMetrics:
+        return ContrastMetrics(contrast_steps=n_contrast,
+                               contrast_fraction=round(n_contrast / steps, 6) if steps else 0.0, flips=flips,
+                               lame_prompt_tokens=len(lame_ids), lame_same_as_prompt=lame_ids == std_ids)

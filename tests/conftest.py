@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
+
+import tests.fake  # noqa: F401  (registers the `fake` model source kind)
+
+os.environ.setdefault("DECLAB_PLUGINS", "tests.fake")       # subprocesses (CLI, app) register it too
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_REGISTRY = ROOT / "tests" / "data" / "models-fake.yaml"
@@ -18,8 +23,8 @@ def script_seed(max_new_tokens: int, prompt: str = APP_PROMPT) -> int:
     """The first seed for which `sample` (defaults) makes the fake model emit its `<script>alert(1)</script>` token
     on this prompt, found by running the engine: escaping tests need hostile model text without depending on the
     sampler's random stream."""
-    from declab.fake import FakeLM
-    from declab.runner import Run, RunRequest
+    from tests.fake import FakeLM
+    from declab.run import Run, RunRequest
     lm = FakeLM()
     for seed in range(200):
         res = Run(lm, RunRequest(model=lm.key, strategy="sample", prompt=prompt, max_new_tokens=max_new_tokens,
@@ -42,28 +47,28 @@ def tmp_store(monkeypatch, tmp_path_factory):
 def fake_registry(monkeypatch):
     """Point the registry at tests/data/models-fake.yaml (default model: the scripted fake)."""
     monkeypatch.setenv("DECLAB_MODELS", str(FAKE_REGISTRY))
-    from declab.registry import load_registry
+    from declab.models.registry import load_registry
     return load_registry()
 
 
 @pytest.fixture
 def fake_lm():
-    from declab.fake import FakeLM
+    from tests.fake import FakeLM
     return FakeLM()
 
 
 @pytest.fixture(scope="session")
 def real_lm():
     """The embedded SmolLM2-135M-Instruct, loaded once per test session (float32, CPU)."""
-    from declab.runner import get_lm
+    from declab.run import get_lm
     return get_lm(EMBEDDED)
 
 
 @pytest.fixture(scope="session")
 def draft_lm():
     """The embedded model's trained draft (issue 12); skipped with a message until it is in models.yaml."""
-    from declab.registry import load_registry
-    from declab.runner import get_lm
+    from declab.models.registry import load_registry
+    from declab.run import get_lm
     if "smollm2-135m-draft" not in load_registry().models:
         pytest.skip("the trained embedded draft (issue 12) is not in models.yaml yet")
     return get_lm("smollm2-135m-draft")

@@ -88,7 +88,7 @@ def test_run_with_defaults_shows_text_charts_metrics_and_downloads(app):
 
 
 def test_parameter_form_is_generated_from_the_strategy_spec(app):
-    from strategies.base import get_strategy
+    from declab.core import get_strategy
     app.selectbox(key="run:strategy").set_value("sample").run()
     ok(app)
     for p in get_strategy("sample").params():
@@ -99,7 +99,7 @@ def test_parameter_form_is_generated_from_the_strategy_spec(app):
 
 def _registered_strategies() -> list[str]:
     import strategies  # noqa: F401
-    from strategies.base import STRATEGIES
+    from declab.core import STRATEGIES
     return sorted(STRATEGIES)
 
 
@@ -158,8 +158,8 @@ def test_prompt_with_no_known_tokens_is_refused(app):
 
 def _patch_greedy(monkeypatch, after_steps: int, action):
     """Make greedy yield `after_steps` steps through the real loop, then call action(ctx)."""
-    from strategies.base import STRATEGIES
-    from strategies.chain import token_loop
+    from declab.core import STRATEGIES
+    from declab.core.loop import token_loop
     greedy = STRATEGIES["greedy"]
 
     def run(ctx, cfg):
@@ -328,7 +328,7 @@ def test_export_bytes_round_trip_and_report_is_escaped(fake_registry, fake_lm):
         import common
     finally:
         sys.path.remove(str(ROOT / "app"))
-    from declab import trace as tr
+    from declab.core import trace as tr
     meta, frame = _fake_run(fake_lm, max_new_tokens=200)
     back = pd.read_csv(io.BytesIO(common.csv_bytes(frame)), dtype=str, keep_default_na=False)
     assert len(back) == len(frame)
@@ -345,7 +345,7 @@ def test_export_bytes_round_trip_and_report_is_escaped(fake_registry, fake_lm):
 
 # ------------------------------------------------------------------------------------------------ Trace explorer
 def _fake_run(lm, max_new_tokens=30, strategy="greedy"):
-    from declab.runner import Run, RunRequest
+    from declab.run import Run, RunRequest
     run = Run(lm, RunRequest(model="fake", strategy=strategy, prompt="the cat", max_new_tokens=max_new_tokens))
     result = run.run_to_end()
     return result.meta, result.frame
@@ -353,7 +353,7 @@ def _fake_run(lm, max_new_tokens=30, strategy="greedy"):
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_trace_explorer_renders_an_uploaded_trace(app, fake_lm, tmp_path, fmt):
-    from declab import trace as tr
+    from declab.core import trace as tr
     meta, frame = _fake_run(fake_lm, strategy="sample")
     path = tmp_path / f"run.{fmt}"
     (tr.write_csv if fmt == "csv" else tr.write_parquet)(frame, path)
@@ -377,7 +377,7 @@ def test_trace_explorer_renders_an_uploaded_trace(app, fake_lm, tmp_path, fmt):
 
 
 def test_trace_explorer_without_metadata_and_with_bad_files(app, fake_lm, tmp_path):
-    from declab import trace as tr
+    from declab.core import trace as tr
     meta, frame = _fake_run(fake_lm)
     tr.write_csv(frame, tmp_path / "run.csv")
     app.switch_page("views/trace_explorer.py").run()

@@ -83,8 +83,8 @@ def streamlit_app(tmp_path):
 def _expected_text(lm, prompt: str, max_new_tokens: int) -> str:
     """Greedy on the embedded model with the app's settings, computed here through the library. Greedy is
     prefix-consistent, so the first tokens of the app's run are checked with a short reference run."""
-    from declab.registry import load_registry
-    from declab.runner import Run, RunRequest
+    from declab.models.registry import load_registry
+    from declab.run import Run, RunRequest
     registry = load_registry(ROOT / "models.yaml")
     run = Run(lm, RunRequest(model=EMBEDDED, strategy="greedy", prompt=prompt, max_new_tokens=max_new_tokens,
                              seed=0), registry)

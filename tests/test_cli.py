@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from declab.cli import main
-from declab.trace import read_meta, read_trace
+from declab.core.trace import read_meta, read_trace
 from tests.conftest import FAKE_REGISTRY, ROOT
 
 
@@ -84,7 +84,7 @@ def test_bad_input_exits_2_with_one_line(capsys, argv, message):
 
 
 def test_exit_status_2_from_a_real_process():
-    env = {"DECLAB_MODELS": str(FAKE_REGISTRY), "PATH": "/usr/bin:/bin"}
+    env = {"DECLAB_MODELS": str(FAKE_REGISTRY), "DECLAB_PLUGINS": "tests.fake", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-m", "declab", "run", "--strategy", "sample", "--set", "temperature=-1",
                            "--prompt", "x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
@@ -94,7 +94,7 @@ def test_exit_status_2_from_a_real_process():
 
 
 def test_hub_model_offline_fails_fast_with_its_name(monkeypatch, capsys):
-    import declab.loading as loading
+    import declab.models.loading as loading
     monkeypatch.setattr(loading, "hub_reachable", lambda timeout_s=3.0: False)
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-declab-cache")
     assert main(["run", "--model", "gpt2", "--strategy", "greedy", "--prompt", "hi"]) == 2

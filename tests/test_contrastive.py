@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from declab.cli import main as cli_main
-from declab.errors import UserError
-from declab.fake import FakeLM, drafted_logits, hashed_logits, no_eos
-from declab.runner import Run, RunRequest
+from declab.core.errors import UserError
+from tests.fake import FakeLM, drafted_logits, hashed_logits, no_eos
+from declab.run import Run, RunRequest
 
 
 def pair():
@@ -23,9 +23,10 @@ def pair():
 
 
 def run(lm, amateur=None, prompt=" the cat", n=24, seed=0, **params):
-    extras = {"second_lm": amateur, "second_model": amateur.key} if amateur is not None else {}
+    models = {"amateur": amateur} if amateur is not None else {}
     return Run(lm, RunRequest(model=lm.key, strategy="contrastive", prompt=prompt, params=params, max_new_tokens=n,
-                              seed=seed, extras=extras)).run_to_end()
+                              seed=seed, second_model=amateur.key if amateur is not None else None),
+               models=models).run_to_end()
 
 
 def tokens(res):
@@ -120,7 +121,7 @@ def test_embedded_self_contrast(real_lm):
     """Expert == amateur on the real model (5.4 d): constant score 0 on V_head, lowest id chosen."""
     res = Run(real_lm, RunRequest(model=real_lm.key, strategy="contrastive", prompt="The capital of France is",
                                   prompt_format="raw", params={"amateur_temperature": 1.0}, max_new_tokens=4,
-                                  extras={"second_lm": real_lm, "second_model": real_lm.key})).run_to_end()
+                                  second_model=real_lm.key), models={"amateur": real_lm}).run_to_end()
     tok = tokens(res)
     assert len(tok) == 4 and (tok.score.abs() < 1e-5).all()
     cand = res.frame[(res.frame.kind == "candidate") & (res.frame.source == "contrast")]

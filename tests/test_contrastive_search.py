@@ -7,10 +7,10 @@ import threading
 import pytest
 import torch
 
-from declab.errors import UserError
-from declab.fake import DEFAULT_VOCAB, FakeLM, hashed_logits
-from declab.runner import Run, RunRequest
-from strategies.base import get_strategy
+from declab.core.errors import UserError
+from tests.fake import DEFAULT_VOCAB, FakeLM, hashed_logits
+from declab.run import Run, RunRequest
+from declab.core import get_strategy
 from strategies.contrastive_search import contrastive_steps
 
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from declab.runner import Run, RunRequest
+from declab.run import Run, RunRequest
 from tests.conftest import EMBEDDED, ROOT
 
 pytestmark = pytest.mark.model

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from declab.cli import main
-from declab.errors import UserError
-from declab.fake import FakeLM, hashed_logits
-from declab.runner import Run, RunRequest
-from strategies import get_strategy
+from declab.core.errors import UserError
+from tests.fake import FakeLM, hashed_logits
+from declab.run import Run, RunRequest
+from declab.core import get_strategy
 from viz.common import chosen_path
 from viz.figures import figures_for
 from viz.mechanism import mechanism_figures

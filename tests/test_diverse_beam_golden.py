@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from declab.runner import Run, RunRequest
+from declab.run import Run, RunRequest
 from tests.conftest import EMBEDDED, ROOT
 
 pytestmark = pytest.mark.model

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from declab import draft as D
-from declab.errors import UserError
+from tools import draft_build as D
+from declab.core.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_training_lowers_the_kl_and_the_saved_draft_is_frozen_layers_plus_adapte
 
 
 def test_registry_checks_draft_sources(tmp_path):
-    from declab.registry import load_registry
+    from declab.models.registry import load_registry
     p = tmp_path / "m.yaml"
     p.write_text("models:\n  a: {source: {hub: x/y}}\n  d: {source: {draft: w.safetensors}}\n")
     with pytest.raises(UserError, match="needs the key of its base model"):
@@ -130,7 +130,7 @@ def test_stored_draft_is_small_and_described():
     assert D.DEFAULT_WEIGHTS.stat().st_size <= 25e6
     info = D.read_draft_info(D.DEFAULT_WEIGHTS)
     assert info["base"] == "smollm2-135m-instruct" and info["frozen"] >= 1 and info["adapter_layers"] >= 1
-    from declab.registry import load_registry
+    from declab.models.registry import load_registry
     reg = load_registry()
     assert reg.get("smollm2-135m-instruct").pairs[0] == "smollm2-135m-draft"
     assert reg.get("smollm2-135m-draft").source["base"] == "smollm2-135m-instruct"
@@ -138,8 +138,8 @@ def test_stored_draft_is_small_and_described():
 
 @pytest.mark.model
 def test_stored_draft_reuses_the_target_and_agrees_with_it(real_lm):
-    from declab.draft_data import build_prompts
-    from declab.runner import get_lm
+    from tools.draft_data import build_prompts
+    from declab.run import get_lm
     draft = get_lm("smollm2-135m-draft")
     info = D.read_draft_info(D.DEFAULT_WEIGHTS)
     E = info["frozen"]

@@ -10,11 +10,11 @@ import threading
 import pytest
 import torch
 
-from declab.fake import FakeLM, drafted_logits, hashed_logits, no_eos
-from declab.runner import Run, RunRequest
-from declab.sampling import make_generator
-from declab.trace import Trace
-from strategies.base import RunContext
+from tests.fake import FakeLM, drafted_logits, hashed_logits, no_eos
+from declab.run import Run, RunRequest
+from declab.core.sampling import make_generator
+from declab.core.trace import Trace
+from declab.core import RunContext
 from strategies.ead import EAD
 
 
@@ -26,9 +26,9 @@ def pair():
 
 
 def run(lm, second=None, prompt=" the cat", n=40, seed=0, strategy="ead", **params):
-    extras = {"second_lm": second, "second_model": second.key} if second is not None else {}
     return Run(lm, RunRequest(model=lm.key, strategy=strategy, prompt=prompt, params=params, max_new_tokens=n,
-                              seed=seed, extras=extras)).run_to_end()
+                              seed=seed, second_model=second.key if second is not None else None),
+               models={"small": second} if second is not None else {}).run_to_end()
 
 
 def greedy_ids(lm, prompt, n, key=None):
@@ -53,7 +53,7 @@ def drive(strategy, large, small, prompt_ids, n, **params):
     cfg = strategy.make_config(params)
     ctx = RunContext(lm=large, prompt_ids=list(prompt_ids), max_new_tokens=n, seed=0,
                      generator=make_generator(0, "cpu"), trace=Trace("t", "ead", large.key), stop=threading.Event(),
-                     extras={"second_lm": small, "second_model": small.key})
+                     models={"small": small})
     gen = strategy.run(ctx, cfg)
     try:
         while True:
@@ -200,8 +200,8 @@ def test_threshold_extremes_on_the_embedded_model(real_lm, draft_lm):
 
     def go(lm, strategy, **params):
         return Run(lm, RunRequest(model=lm.key, strategy=strategy, prompt=prompt, prompt_format="chat",
-                                  params=params, max_new_tokens=16,
-                                  extras={"second_lm": draft_lm, "second_model": draft_lm.key})).run_to_end()
+                                  params=params, max_new_tokens=16, second_model=draft_lm.key),
+                   models={"small": draft_lm}).run_to_end()
     assert go(real_lm, "ead", threshold=1000.0).sequences[0].token_ids == go(draft_lm, "greedy").sequences[0].token_ids
     assert go(real_lm, "ead", threshold=-1.0).sequences[0].token_ids == go(real_lm, "greedy").sequences[0].token_ids
 

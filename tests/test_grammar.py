@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from declab.errors import UserError
-from declab.fake import FakeLM, hashed_logits
-from declab.runner import Run, RunRequest
+from declab.core.errors import UserError
+from tests.fake import FakeLM, hashed_logits
+from declab.run import Run, RunRequest
 from strategies import grammar as G
 
 EOS, ZERO, ONE = 0, 1, 2
@@ -42,10 +42,9 @@ def toy(logits_fn=skewed, vocab=BINARY_VOCAB) -> FakeLM:
 
 
 def run(lm, strategy, grammar="binary_len_3", n=8, seed=0, text=None, **params):
-    extras = {"grammar": text} if text is not None else {}
     params.setdefault("grammar", grammar)
     return Run(lm, RunRequest(model=lm.key, strategy=strategy, prompt=PROMPT, params=params, max_new_tokens=n,
-                              seed=seed, extras=extras)).run_to_end()
+                              seed=seed, grammar=text)).run_to_end()
 
 
 def brute_force(lm, text: str, max_len: int) -> tuple[dict, float]:
@@ -339,7 +338,7 @@ def test_bad_grammar_is_a_one_line_user_error_before_decoding(text, where):
     lm = toy()
     for strategy in ("gcd", "asap"):
         with pytest.raises(UserError) as e:
-            Run(lm, RunRequest(model="fake", strategy=strategy, prompt=PROMPT, extras={"grammar": text}))
+            Run(lm, RunRequest(model="fake", strategy=strategy, prompt=PROMPT, grammar=text))
         assert where in str(e.value) and "\n" not in str(e.value)
         assert lm.forwards == 0
 
@@ -374,7 +373,7 @@ def test_compiled_grammar_cache_is_keyed_by_tokenizer_and_the_lm_keeps_no_run_st
 def test_cli_run_writes_every_sample_and_bad_grammar_exits_2(tmp_path, capsys, monkeypatch):
     from declab import cli
     lm = toy()
-    monkeypatch.setattr("declab.runner.get_lm", lambda key, registry=None: lm)
+    monkeypatch.setattr("declab.cli.get_lm", lambda key, registry=None: lm)
     gfile = tmp_path / "g.ebnf"
     gfile.write_text(B3)
     out = tmp_path / "o.json"

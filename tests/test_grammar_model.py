@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from declab.runner import Run, RunRequest
+from declab.run import Run, RunRequest
 from strategies import grammar as G
 
 pytestmark = pytest.mark.model

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from declab.store import open_store
+from declab.run.store import open_store
 from tests.test_app import HOME, TIMEOUT, errors, ok, plotly_charts, run_default, session_runs
 from tests.conftest import APP_PROMPT, script_seed
 
@@ -37,7 +37,7 @@ def select(at: AppTest, ids: list[str]) -> AppTest:
 
 
 def store_fake_run(fake_lm, strategy="greedy", seed=0, prompt="the cat", n=20, started=None, tags=()):
-    from declab.runner import Run, RunRequest
+    from declab.run import Run, RunRequest
     result = Run(fake_lm, RunRequest(model="fake", strategy=strategy, prompt=prompt, max_new_tokens=n,
                                      seed=seed)).run_to_end()
     if started:
@@ -117,7 +117,7 @@ def test_open_a_stored_run_in_the_trace_explorer_without_a_model(fake_registry, 
 
     def no_model(*a, **k):
         raise AssertionError("the Trace explorer must not load a model")
-    import declab.loading
+    import declab.models.loading
     monkeypatch.setattr(declab.loading, "load_lm", no_model)
     at = library(new_session())
     select(at, [result.meta["run_id"]])
@@ -202,7 +202,7 @@ def test_a_broken_store_shows_a_message_not_a_traceback(fake_registry, monkeypat
 
 
 def test_import_an_exported_run_from_the_page(fake_registry, fake_lm, tmp_path):
-    from declab import trace as tr
+    from declab.core import trace as tr
     from tests.test_store import hostile_run
     meta, frame = hostile_run()
     tr.write_csv(frame, tmp_path / "run.csv")

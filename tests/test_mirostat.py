@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import viz
-from declab.errors import UserError
-from declab.fake import DEFAULT_VOCAB, FakeLM, hashed_logits
-from declab.runner import Run, RunRequest
-from strategies.base import get_strategy
+from declab.core.errors import UserError
+from tests.fake import DEFAULT_VOCAB, FakeLM, hashed_logits
+from declab.run import Run, RunRequest
+from declab.core import get_strategy
 from strategies.mirostat import Controller, MirostatConfig, zipf_exponent, zipf_k
 
 LN2 = math.log(2.0)
@@ -300,7 +300,7 @@ def test_config_validation_messages():
 
 def test_cli_runs_mirostat_and_writes_the_trace(tmp_path, capsys):
     from declab.cli import main
-    from declab.trace import read_meta, read_trace
+    from declab.core.trace import read_meta, read_trace
     out_csv, out_json = tmp_path / "m.csv", tmp_path / "m.json"
     assert main(["run", "--strategy", "mirostat", "--set", "version=2", "--set", "tau=2", "--prompt", " the cat",
                  "--max-new-tokens", "12", "--seed", "3", "--csv", str(out_csv), "--json", str(out_json)]) == 0

@@ -19,7 +19,7 @@ import statistics
 
 import pytest
 
-from declab.runner import Run, RunRequest
+from declab.run import Run, RunRequest
 from tests.conftest import EMBEDDED
 
 pytestmark = pytest.mark.model

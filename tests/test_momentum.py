@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from declab.errors import UserError
-from declab.fake import FakeLM
-from declab.runner import Run, RunRequest
-from strategies.base import get_strategy
+from declab.core.errors import UserError
+from tests.fake import FakeLM
+from declab.run import Run, RunRequest
+from declab.core import get_strategy
 from strategies.momentum import RESISTANCE_TABLES, NgramIndex, resistance_value
 
 

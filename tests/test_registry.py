@@ -1,7 +1,7 @@
 import pytest
 
-from declab.errors import UserError
-from declab.registry import load_registry
+from declab.core.errors import UserError
+from declab.models.registry import load_registry
 
 
 def test_shipped_registry_is_valid_and_has_the_embedded_default():

@@ -5,9 +5,9 @@ import threading
 import pytest
 import torch
 
-from declab.errors import UserError
-from declab.fake import FakeLM
-from declab.runner import Run, RunRequest, validate
+from declab.core.errors import UserError
+from tests.fake import FakeLM
+from declab.run import Run, RunRequest, validate
 
 
 def run(lm, strategy="greedy", prompt=" the cat", n=20, seed=0, **params):

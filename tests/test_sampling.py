@@ -5,7 +5,7 @@ import torch
 from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from declab.sampling import draw, entropy_bits, make_generator, warp
+from declab.core.sampling import draw, entropy_bits, make_generator, warp
 
 
 def test_entropy_is_in_bits():

@@ -12,12 +12,12 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from declab.errors import UserError
-from declab.fake import FakeLM, drafted_logits, hashed_logits, no_eos
-from declab.runner import Run, RunRequest
-from declab.sampling import make_generator, warp
-from declab.trace import Trace
-from strategies.base import RunContext, get_strategy
+from declab.core.errors import UserError
+from tests.fake import FakeLM, drafted_logits, hashed_logits, no_eos
+from declab.run import Run, RunRequest
+from declab.core.sampling import make_generator, warp
+from declab.core.trace import Trace
+from declab.core import RunContext, get_strategy
 from strategies.speculative import NgramDrafter, PromptLookupDrafter
 from strategies.two_model import (accept_probability, expected_speedup, expected_tokens_per_round, residual,
                                   speculative_step)
@@ -32,11 +32,12 @@ def pair(noise: float = 1.0, eos: bool = False):
 
 
 def run(lm, second=None, prompt=" the cat", n=40, seed=0, strategy="speculative", **params):
-    extras = {"second_lm": second, "second_model": second.key} if second is not None else {}
+    models = {"draft": second} if second is not None else {}
     if strategy == "speculative":
         params.setdefault("measure_speedup", False)
     return Run(lm, RunRequest(model=lm.key, strategy=strategy, prompt=prompt, params=params, max_new_tokens=n,
-                              seed=seed, extras=extras)).run_to_end()
+                              seed=seed, second_model=second.key if second is not None else None),
+               models=models).run_to_end()
 
 
 @contextmanager
@@ -57,7 +58,7 @@ def drive(lm, draft, n, seed=0, **params):
     cfg = strat.make_config(dict(params, measure_speedup=False))
     ctx = RunContext(lm=lm, prompt_ids=[1, 2], max_new_tokens=n, seed=seed, generator=make_generator(seed, "cpu"),
                      trace=Trace("t", "speculative", lm.key), stop=threading.Event(),
-                     extras={"second_lm": draft, "second_model": draft.key})
+                     models={"draft": draft})
     gen = strat.run(ctx, cfg)
     try:
         while True:
@@ -355,8 +356,8 @@ def test_cli_runs_speculative_with_the_default_pair(fake_registry, tmp_path, cap
 def test_greedy_speculative_equals_target_greedy_on_the_embedded_model(real_lm, draft_lm, prompt):
     def go(strategy, **params):
         return Run(real_lm, RunRequest(model=real_lm.key, strategy=strategy, prompt=prompt, prompt_format="chat",
-                                       params=params, max_new_tokens=40,
-                                       extras={"second_lm": draft_lm, "second_model": draft_lm.key})).run_to_end()
+                                       params=params, max_new_tokens=40, second_model=draft_lm.key),
+                   models={"draft": draft_lm}).run_to_end()
     ref = go("greedy").sequences[0].token_ids
     res = go("speculative", num_draft_tokens=4, measure_speedup=False)
     assert res.sequences[0].token_ids == ref

@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 
 from declab.cli import main
-from declab.errors import UserError
-from declab.store import default_path, open_store, read_export
-from declab.trace import Trace, column_dtypes, read_meta, read_trace
+from declab.core.errors import UserError
+from declab.run.store import default_path, open_store, read_export
+from declab.core.trace import Trace, column_dtypes, read_meta, read_trace
 from tests.conftest import APP_PROMPT, ROOT, script_seed
 from tests.test_trace import HOSTILE, hostile_frame
 
@@ -41,7 +41,7 @@ def hostile_run(run_id="hostile01", **meta_extra):
 
 
 def fake_result(fake_lm, strategy="greedy", seed=0, n=12, prompt="the cat", stop_after=None):
-    from declab.runner import Run, RunRequest
+    from declab.run import Run, RunRequest
     run = Run(fake_lm, RunRequest(model="fake", strategy=strategy, prompt=prompt, max_new_tokens=n, seed=seed))
     for i, _ in enumerate(run.events()):
         if stop_after is not None and i + 1 == stop_after:
@@ -123,7 +123,7 @@ def test_html_report_of_a_selection_is_one_escaped_page(store):
 
 
 def test_import_without_metadata_and_bad_files(store, tmp_path, fake_registry, fake_lm):
-    from declab import trace as tr
+    from declab.core import trace as tr
     result = fake_result(fake_lm)
     tr.write_csv(result.frame, tmp_path / "bare.csv")
     run_id = store.import_run(tmp_path / "bare.csv")
@@ -145,8 +145,8 @@ def test_import_without_metadata_and_bad_files(store, tmp_path, fake_registry, f
 
 # ------------------------------------------------------------------------------------------------ statuses
 def _patched_greedy(monkeypatch, after_steps: int, action):
-    from strategies.base import STRATEGIES
-    from strategies.chain import token_loop
+    from declab.core import STRATEGIES
+    from declab.core.loop import token_loop
 
     def run(ctx, cfg):
         def select(logits, step):
@@ -181,7 +181,7 @@ def test_stopped_and_failed_runs_are_stored_as_such_with_what_they_produced(stor
 
 
 def test_a_result_status_wins_over_its_metadata(store):
-    from declab.runner import RunResult
+    from declab.run import RunResult
     meta, frame = hostile_run()
     store.save(RunResult(meta=dict(meta, status="ok"), frame=frame, sequences=[], status="failed", error="boom"))
     saved, _ = store.get("hostile01")
@@ -271,8 +271,8 @@ def test_a_file_that_is_not_a_store_is_a_clear_error(tmp_path):
 WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    from declab.store import open_store
-    from declab.trace import Trace
+    from declab.run.store import open_store
+    from declab.core.trace import Trace
     store = open_store({path!r})
     name, n, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     sys.stdout.write("ready\\n"); sys.stdout.flush()
@@ -328,8 +328,8 @@ def test_a_writer_killed_inside_its_transaction_leaves_earlier_runs_intact(tmp_p
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(ROOT)!r})
-        import declab.store as ds
-        from declab.trace import Trace
+        import declab.run.store as ds
+        from declab.core.trace import Trace
         store = ds.open_store({str(path)!r})
         def run(i, rows):
             tr = Trace(f"run{{i}}", "greedy", "m")

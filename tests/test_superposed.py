@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from declab.errors import UserError
-from declab.fake import FakeLM, hashed_logits
-from declab.runner import Run, RunRequest
+from declab.core.errors import UserError
+from tests.fake import FakeLM, hashed_logits
+from declab.run import Run, RunRequest
 from strategies import superposed_ngrams
-from strategies.base import get_strategy
+from declab.core import get_strategy
 from strategies.superposed_ngrams import NGramModel, load_ngrams
 
 CORPUS = (" the cat sat on the mat. the dog ran on the mat, and the cat ran.\n\n"

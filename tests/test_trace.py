@@ -3,7 +3,7 @@ import csv
 import pandas as pd
 import pytest
 
-from declab.trace import BASE_COLUMNS, Trace, read_trace, write_csv, write_parquet
+from declab.core.trace import BASE_COLUMNS, Trace, read_trace, write_csv, write_parquet
 
 HOSTILE = ["a,b", '"q"', 'x\ny', "\r\nz", "a\rb", "\r", "t\tab", "\x00nul", "\x1b[31m", "é😀", "=1+1", "+SUM(A1)",
            "-2", "@cmd", "'quoted'", "", "NA", "nan", "None", "<script>alert(1)</script>", "\u2028", "\x85",

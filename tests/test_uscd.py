@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from declab.cli import main as cli_main
-from declab.errors import UserError
-from declab.fake import FakeLM
-from declab.runner import Run, RunRequest
+from declab.core.errors import UserError
+from tests.fake import FakeLM
+from declab.run import Run, RunRequest
 from strategies.uscd import lame_prompt, std_to_threshold
 
 HE_PROMPT = '''from typing import List
@@ -151,9 +151,9 @@ class Recorder:
         return self.fn(context)
 
 
-def run(lm, prompt=" the cat sat\n on the mat", n=24, seed=0, strategy="uscd", extras=None, **params):
+def run(lm, prompt=" the cat sat\n on the mat", n=24, seed=0, strategy="uscd", lame=None, **params):
     return Run(lm, RunRequest(model=lm.key, strategy=strategy, prompt=prompt, params=params, max_new_tokens=n,
-                              seed=seed, extras=extras or {})).run_to_end()
+                              seed=seed, lame_prompt=lame)).run_to_end()
 
 
 def fake(scale=2.5):
@@ -191,7 +191,7 @@ def reference(lm, std_ids, lame_ids, n, thr, gamma=0.6667, w=(1.0, -0.7)):
 def test_matches_unbatched_reference(fake_registry, thr):
     lm = fake()
     prompt, lame = " the cat sat\n on the mat and the dog", " a dog"
-    res = run(lm, prompt=prompt, extras={"lame_prompt": lame}, threshold=thr, temperature=0.0, n=20)
+    res = run(lm, prompt=prompt, lame=lame, threshold=thr, temperature=0.0, n=20)
     ref = reference(lm, lm.encode_prompt(prompt, "raw"), lm.encode_prompt(lame, "raw"), 20, thr)
     tok = tokens(res)
     assert tok.token_id.tolist() == [r[0] for r in ref]
@@ -210,7 +210,7 @@ def test_a_lame_equal_to_standard_keeps_greedy(fake_registry):
     lm = fake(scale=1.0)                                                # flat: the gate is open on most steps
     prompt = " the cat sat on the mat"
     greedy = run(lm, prompt=prompt, strategy="greedy", n=24)
-    res = run(lm, prompt=prompt, extras={"lame_prompt": prompt}, threshold=1.0, temperature=0.0, n=24)
+    res = run(lm, prompt=prompt, lame=prompt, threshold=1.0, temperature=0.0, n=24)
     assert res.sequences[0].token_ids == greedy.sequences[0].token_ids
     assert tokens(res).contrast.all() and not tokens(res).flip.any()
     assert res.meta["metrics"]["lame_same_as_prompt"] is True
@@ -220,12 +220,12 @@ def test_b_threshold_zero_is_plain_decoding(fake_registry):
     """5.4 (b): threshold 0 -> never contrast: greedy equals greedy, sampling equals `sample` with the same seed."""
     lm = fake(scale=1.0)
     g = run(lm, strategy="greedy", n=24)
-    u = run(lm, threshold=0.0, temperature=0.0, extras={"lame_prompt": " a dog"}, n=24)
+    u = run(lm, threshold=0.0, temperature=0.0, lame=" a dog", n=24)
     assert u.sequences[0].token_ids == g.sequences[0].token_ids
     assert not tokens(u).contrast.any()
     for seed in (1, 2):
         s = run(lm, strategy="sample", n=24, seed=seed, temperature=0.8, top_p=0.95)
-        u = run(lm, threshold=0.0, n=24, seed=seed, extras={"lame_prompt": " a dog"})   # published 0.8 / 0.95
+        u = run(lm, threshold=0.0, n=24, seed=seed, lame=" a dog")   # published 0.8 / 0.95
         assert u.sequences[0].token_ids == s.sequences[0].token_ids
 
 
@@ -237,7 +237,7 @@ def test_c_lame_context_gets_the_same_suffix(fake_registry, temperature):
     rec = Recorder(context_logits(V, 1.0))
     lm = FakeLM(rec)
     prompt = " the cat sat\n on the mat and the dog ran"
-    res = run(lm, prompt=prompt, extras={"lame_prompt": " a dog"}, temperature=temperature, threshold=0.9, n=16)
+    res = run(lm, prompt=prompt, lame=" a dog", temperature=temperature, threshold=0.9, n=16)
     gen = tokens(res).token_id.tolist()
     std, lame = lm.encode_prompt(prompt, "raw"), lm.encode_prompt(" a dog", "raw")
     seen = [c for c in rec.contexts]
@@ -268,7 +268,7 @@ def test_derived_lame_prompt_and_trace(fake_registry):
 def test_std_threshold_overrides(fake_registry):
     lm = fake()
     V = lm.vocab_size
-    res = run(lm, temperature=0.0, std_threshold=0.03, threshold=0.0, extras={"lame_prompt": " a dog"}, n=16)
+    res = run(lm, temperature=0.0, std_threshold=0.03, threshold=0.0, lame=" a dog", n=16)
     tok = tokens(res)
     assert (tok.contrast == (tok.u_std <= 0.03 + 1e-12)).all()
     assert (tok.contrast == (tok.sum_sq <= std_to_threshold(0.03, V))).all()
@@ -311,7 +311,7 @@ def test_embedded_chat_humaneval_prompt(real_lm):
 def test_mechanism_figure(fake_registry):
     from viz.mechanism import mechanism_figures
     lm = fake()
-    res = run(lm, prompt=" the cat sat\n on the mat and the dog", extras={"lame_prompt": " a dog"},
+    res = run(lm, prompt=" the cat sat\n on the mat and the dog", lame=" a dog",
               threshold=0.3, temperature=0.0, n=20)
     figs = mechanism_figures(res.frame, res.meta)
     assert "uscd" in figs and "contrastive" not in figs

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 import pytest
 
 import viz
-from declab.trace import to_frame
+from declab.core.trace import to_frame
 from viz.common import chosen_path, link_parents, show_token, sorted_tokens
 from viz.mechanism import collisions_per_step
 
@@ -331,9 +331,9 @@ def test_html_report_self_contained_and_escaped():
 
 
 def test_figures_for_every_registered_strategy_on_the_fake_model(fake_registry, tmp_path):
-    from declab.fake import FakeLM
-    from declab.runner import Run, RunRequest
-    from strategies.base import STRATEGIES, get_strategy
+    from tests.fake import FakeLM
+    from declab.run import Run, RunRequest
+    from declab.core import STRATEGIES, get_strategy
     get_strategy("greedy")                                              # registers all
     assert {"greedy", "sample"} <= set(STRATEGIES)
     for strategy in STRATEGIES:

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 import common
-from declab.runner import RunRequest
+from declab.run import RunRequest
 
 st.title("Compare strategies")
 st.caption("Same model, prompt and seed for every configuration; texts side by side with their differences marked, "

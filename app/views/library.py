@@ -5,8 +5,8 @@ tag, delete, and export a selection as CSV / Parquet (zip) or one HTML report.""
 import streamlit as st
 
 import common
-from declab.errors import UserError
-from declab.store import open_store
+from declab.core.errors import UserError
+from declab.run.store import open_store
 
 MAX_LISTED = 500                      # newest matching runs shown (filters narrow the rest down)
 K_SEL = "lib:sel"
@@ -145,7 +145,7 @@ def import_section(store) -> None:
         if st.button("Import", key="lib:imp:go", disabled=trace_file is None, icon=":material/upload:"):
             try:
                 meta, frame = common.read_upload(trace_file, meta_file)
-                from declab.store import meta_from_frame
+                from declab.run.store import meta_from_frame
                 run_id = store.save((meta or meta_from_frame(frame), frame), source="import")
             except UserError as e:
                 st.error(str(e))

@@ -3,7 +3,7 @@
 import streamlit as st
 
 import common
-from declab.runner import RunRequest
+from declab.run import RunRequest
 
 st.title("declab")
 st.caption("An interactive decoding-strategy lab: run a strategy live, watch what it did, compare, teach, export.")

@@ -7,9 +7,9 @@ import pandas as pd
 import streamlit as st
 
 import common
-from declab.runner import RunRequest
-from declab.trace import BASE_COLUMNS
-from strategies.base import STRATEGIES
+from declab.run import RunRequest
+from declab.core.trace import BASE_COLUMNS
+from declab.core import STRATEGIES
 
 st.title("Teach: one decoding step at a time")
 st.caption("At every step the model scores every token in its vocabulary; a decoding strategy turns those scores "

@@ -4,7 +4,7 @@ without loading a model."""
 import streamlit as st
 
 import common
-from declab.errors import UserError
+from declab.core.errors import UserError
 
 st.title("Trace explorer")
 st.caption("Open a run exported from declab (Run or Export page, or `declab run --csv/--parquet/--json`). "

@@ -47,7 +47,7 @@ CASES = {
 
 ENCODE = """
 import json, sys
-from declab.runner import get_lm, Run, RunRequest
+from declab.run import get_lm, Run, RunRequest
 lm = get_lm("smollm2-135m-instruct")
 out = []
 for prompt, fmt in json.loads(sys.argv[1]):

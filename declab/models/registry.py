@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from declab.errors import UserError
+from declab.core.errors import UserError
+from declab.core.strategy import import_plugins
 
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "models.yaml"
+DEFAULT_PATH = Path(__file__).resolve().parent / "models.yaml"    # package data; the checkout links it at the root
 ENV_PATH = "DECLAB_MODELS"      # another models.yaml (tests point it at one with the scripted fake model)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "bnb-4bit", "bnb-8bit", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 CACHES = ("dynamic", "static")
+SOURCE_KINDS = ["hub", "path", "package", "draft"]    # more through declab.models.loading.register_source
 FIELDS = ("source", "dtype", "quantization", "device", "chat", "context_length", "description", "pairs",
           "trust_remote_code", "cache")
 
@@ -23,7 +26,8 @@ FIELDS = ("source", "dtype", "quantization", "device", "chat", "context_length",
 @dataclass(frozen=True)
 class ModelSpec:
     """One models.yaml entry. `source` is {'hub': id} | {'path': folder} | {'package': pkg, 'gguf': file} |
-    {'draft': weights file, 'base': key} (a draft built on another entry's weights, declab/draft.py)."""
+    {'draft': weights file, 'base': key} (a draft built on another entry's weights, declab/models/draft.py), or a
+    kind registered with declab.models.loading.register_source (the tests' scripted fake)."""
 
     key: str
     source: dict
@@ -44,11 +48,17 @@ class ModelSpec:
             return f"hub {self.source['hub']}"
         if "path" in self.source:
             return f"folder {self.source['path']}"
-        if "fake" in self.source:
-            return f"scripted fake model ({self.source['fake']})"
         if "draft" in self.source:
             return f"draft {self.source['draft']} on {self.source['base']}"
-        return f"package {self.source['package']} ({self.source['gguf']})"
+        if "package" in self.source:
+            return f"package {self.source['package']} ({self.source['gguf']})"
+        kind = self.kind
+        return f"{kind} {self.source.get(kind)}"
+
+    @property
+    def kind(self) -> str:
+        """The source kind: hub, path, package, draft or a registered one."""
+        return next(k for k in SOURCE_KINDS if k in self.source)
 
 
 @dataclass(frozen=True)
@@ -74,9 +84,9 @@ def _entry(key: str, raw, where: str) -> ModelSpec:
     source = raw.get("source")
     if not isinstance(source, dict):
         bad("source", "required: {hub: ID} | {path: FOLDER} | {package: PKG, gguf: FILE}")
-    kinds = [k for k in ("hub", "path", "package", "draft", "fake") if k in source]
+    kinds = [k for k in SOURCE_KINDS if k in source]
     if len(kinds) != 1:
-        bad("source", "give exactly one of hub, path, package, draft (or fake, for tests)")
+        bad("source", f"give exactly one of {', '.join(SOURCE_KINDS)}")
     if kinds[0] == "package" and not source.get("gguf"):
         bad("source", "a package source needs a gguf file name")
     if kinds[0] == "draft" and not source.get("base"):
@@ -103,7 +113,7 @@ def _entry(key: str, raw, where: str) -> ModelSpec:
 
 def load_registry(path: str | Path | None = None) -> Registry:
     """Read and validate models.yaml (default: $DECLAB_MODELS, else the one at the repository root)."""
-    import os
+    import_plugins()                      # plug-ins may add source kinds before entries are validated
     path = Path(path or os.environ.get(ENV_PATH) or DEFAULT_PATH)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -81,6 +81,18 @@ def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: 
     return min_p_filter(logits, min_p)
 
 
+def sample_or_argmax(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0, min_p: float = 0.0) -> tuple[int, torch.Tensor]:
+    """The one rule every strategy with a temperature uses: temperature 0 takes the argmax (ties to the lowest id,
+    as torch.argmax and transformers' greedy search); otherwise warp (temperature -> top-k -> top-p -> min-p) and
+    draw once from the run's generator. logits: [V]. Returns (token, the logits the token came from [V]: the warped
+    ones, or the input itself for the argmax), so callers read the score or the kept set from one place."""
+    if temperature == 0:
+        return int(logits.argmax()), logits
+    warped = warp(logits, temperature, top_k, top_p, min_p)                  # [V]
+    return draw(warped, generator), warped
+
+
 def draw(logits: torch.Tensor, generator: torch.Generator) -> int:
     """One token from softmax(logits) [V], using the run's seeded generator (never the global RNG)."""
     return draw_from(logits.softmax(-1), generator)

@@ -5,19 +5,23 @@ two token ids (so runs are deterministic and diverse), or any `logits_fn(context
 Its tokenizer is a longest-match over a small vocabulary that includes hostile strings (`<script>`, `=1+1`,
 quotes, commas, newlines) so escaping and CSV export are exercised by every run.
 
-models.yaml entries with `source: {fake: NAME}` load it (tests point `DECLAB_MODELS` at such a file).
+models.yaml entries with `source: {fake: NAME}` load it (tests point `DECLAB_MODELS` at such a file): importing
+this module registers the `fake` source kind with declab's loader (tests/conftest.py imports it; a subprocess gets
+it through `DECLAB_PLUGINS=tests.fake`). `DECLAB_FAKE_DELAY` (seconds per forward) slows it for UI tests.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from declab.lm import StepOut
-from declab.registry import ModelSpec
+from declab.models.loading import register_source
+from declab.models.lm import StepOut
+from declab.models.registry import ModelSpec
 
 DEFAULT_VOCAB = ("</s>", " the", " cat", " sat", " on", " mat", " a", " dog", " ran", ".", ",", " and", "\n",
                  " <script>alert(1)</script>", " =1+1", ' "quoted"', " -x", " @me", " café", " 🙂", "\t", " is",
@@ -240,3 +244,11 @@ class FakeLM:
 
     def encode_prompt(self, text: str, prompt_format: str) -> list[int]:
         return self.tokenizer.encode(text)
+
+
+def load_fake(spec: ModelSpec) -> FakeLM:
+    """The loader of models.yaml entries with `source: {fake: NAME}`."""
+    return FakeLM(key=spec.key, spec=spec, delay_s=float(os.environ.get("DECLAB_FAKE_DELAY", "0")))
+
+
+register_source("fake", load_fake)

@@ -56,8 +56,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from declab import trace as tr
-from declab.errors import UserError
+from declab.core import trace as tr
+from declab.core.errors import UserError
+from declab.core.metrics import summarize
+from viz.report import CSS, html_report
 
 ENV_STORE = "DECLAB_STORE"
 SCHEMA_VERSION = 1
@@ -563,8 +565,6 @@ def read_export(trace_path, meta_path=None) -> tuple[dict, pd.DataFrame]:
 
 def meta_from_frame(frame: pd.DataFrame) -> dict:
     """Minimal metadata for a trace imported without its JSON: what the rows tell."""
-    from declab.metrics import summarize
-
     def first(col):
         if col in frame.columns and frame[col].notna().any():
             return str(frame[col].dropna().iloc[0])
@@ -585,7 +585,6 @@ def meta_from_frame(frame: pd.DataFrame) -> dict:
 def report_html(items: list[tuple[dict, pd.DataFrame]]) -> str:
     """One standalone HTML report: viz.report.html_report for one run; for several, a summary table then each
     run's report (plotly.js embedded once). Every model or user text is escaped by html_report or here."""
-    from viz.report import CSS, html_report
     if len(items) == 1:
         return html_report(*items[0])
     try:

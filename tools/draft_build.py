@@ -55,8 +55,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_WEIGHTS = ROOT / "declab" / "drafts" / "smollm2-135m-draft.safetensors"
+from declab.models.draft import DEFAULT_WEIGHTS, SubVocabHead, build_draft_model, load_tensors, read_draft_info
+
 BASE_KEY = "smollm2-135m-instruct"
 
 # build recipe (defaults; the stored file's metadata records what was used)
@@ -74,8 +74,8 @@ def _threads(n: int | None = None) -> None:
 
 
 def base_folder(key: str = BASE_KEY) -> Path:
-    from declab.loading import embedded_folder
-    from declab.registry import load_registry
+    from declab.models.loading import embedded_folder
+    from declab.models.registry import load_registry
     return embedded_folder(load_registry().get(key))
 
 
@@ -156,7 +156,7 @@ def answer_parts(num_sampled_train: int | None = None) -> list[tuple[str, str, l
     """(split, part, prompts, seed) of every answer set: greedy answers to the held-out prompts and to
     NUM_TRAIN_PROMPTS training prompts (in two parts: the build grew); with num_sampled_train > 0 also sampled
     answers (temperature SAMPLE_TEMPERATURE) to that many training prompts and to the held-out ones."""
-    from declab.draft_data import build_prompts
+    from tools.draft_data import build_prompts
     first, _ = build_prompts(NUM_TRAIN_PROMPTS[0])
     train, held = build_prompts(NUM_TRAIN_PROMPTS[1])
     seen = set(first)
@@ -465,23 +465,6 @@ def frequency_vocab(tok, rows: list[dict], size: int = DRAFT_VOCAB, docs: list[s
     return keep
 
 
-class SubVocabHead(torch.nn.Module):
-    """The draft's LM head restricted to `vocab_ids` (FR-Spec): logits for those rows of the target's (tied) head,
-    scattered into a full-width row of -inf, so the draft's distribution is over the target's vocabulary with
-    probability 0 outside its own (speculative sampling stays exact: those tokens are never drafted)."""
-
-    def __init__(self, weight: torch.Tensor, vocab_ids: torch.Tensor):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape                        # V, H
-        self.register_buffer("vocab_ids", vocab_ids.to(device=weight.device, dtype=torch.long))   # [N]
-        self.weight = torch.nn.Parameter(weight.detach()[self.vocab_ids].clone(), requires_grad=False)   # [N, H]
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:                       # [..., H] -> [..., V]
-        sub = torch.nn.functional.linear(hidden, self.weight)                      # [..., N]
-        out = sub.new_full((*sub.shape[:-1], self.out_features), float("-inf"))    # [..., V]
-        return out.index_copy_(out.dim() - 1, self.vocab_ids, sub)
-
-
 # ------------------------------------------------------------------------------------ stage 6: save and load
 def save_draft(adapter: Adapter, info: dict, path: Path, weights: str = "float16",
                vocab_ids: torch.Tensor | None = None) -> None:
@@ -512,91 +495,6 @@ def save_draft(adapter: Adapter, info: dict, path: Path, weights: str = "float16
         info = dict(info, draft_vocab=int(vocab_ids.numel()))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "pt", "declab_draft": json.dumps(dict(info, weights=weights))})
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The stored tensors in float32 (int8 matrices multiplied back by their row scales)."""
-    from safetensors.torch import load_file
-    raw = load_file(str(path))
-    out = {}
-    for k, v in raw.items():
-        if k.endswith(".int8"):
-            base = k[: -len(".int8")]
-            out[base] = v.float() * raw[base + ".scale"].float()
-        elif k == "lm_head.vocab_ids":
-            out[k] = v.long()
-        elif not k.endswith(".scale"):
-            out[k] = v.float()
-    return out
-
-
-def read_draft_info(path: Path) -> dict:
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["declab_draft"])
-
-
-def build_draft_model(base_model, weights: Path):
-    """Turn a loaded target model into the draft, in place: keep its first E layers, append the stored adapter
-    layers, load the trained final norm; the embedding and (tied) LM head stay the target's. Returns (model, info)."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-    info = read_draft_info(weights)
-    E, A = int(info["frozen"]), int(info["adapter_layers"])
-    state = load_tensors(weights)
-    cfg = base_model.config
-    layers = list(base_model.model.layers[:E])
-    cfg.num_hidden_layers = E + A
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = list(cfg.layer_types)[:E + A]
-    dtype = base_model.model.embed_tokens.weight.dtype
-    device = base_model.model.embed_tokens.weight.device
-    for i in range(E, E + A):
-        layer = LlamaDecoderLayer(cfg, layer_idx=i)
-        prefix = f"model.layers.{i}."
-        layer.load_state_dict({k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)})
-        layers.append(layer.to(device=device, dtype=dtype))
-    base_model.model.layers = torch.nn.ModuleList(layers)
-    base_model.model.norm.weight.data.copy_(state["model.norm.weight"].to(dtype))
-    if "lm_head.vocab_ids" in state:                   # FR-Spec head over the draft's vocabulary
-        base_model.lm_head = SubVocabHead(base_model.lm_head.weight, state["lm_head.vocab_ids"])
-    return base_model.eval(), info
-
-
-def weights_path(source: dict) -> Path:
-    p = Path(source["draft"])
-    return p if p.is_absolute() else ROOT / p
-
-
-def load_draft_lm(spec):
-    """models.yaml source {draft: PATH, base: KEY} -> (LM, load info), for declab.loading.load_lm."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from declab.errors import UserError
-    from declab.lm import LM
-    from declab.loading import embedded_folder, resolve_device, resolve_dtype
-    from declab.registry import load_registry
-    t0 = time.perf_counter()
-    weights = weights_path(spec.source)
-    if not weights.exists():
-        raise UserError(f"model '{spec.key}': draft weights {weights} not found (python -m declab.draft build)")
-    base = load_registry().models.get(spec.source["base"])
-    if base is None:
-        from declab.registry import DEFAULT_PATH
-        base = load_registry(DEFAULT_PATH).get(spec.source["base"])
-    if "package" in base.source:
-        folder = embedded_folder(base)
-    elif "path" in base.source:
-        folder = Path(base.source["path"])
-    else:
-        raise UserError(f"model '{spec.key}': the draft's base '{base.key}' must be a local (package or path) model")
-    device = resolve_device(spec)
-    dtype = resolve_dtype(spec, device)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    model, _info = build_draft_model(model, weights)
-    model = model.to(device)
-    lm = LM(model, tokenizer, spec, device=device, dtype=dtype, quantization="none")
-    return lm, {"load_s": time.perf_counter() - t0, "source": spec.source_text, "cached": True}
 
 
 # ------------------------------------------------------------------------------------------- stage 7: evaluate
@@ -645,7 +543,7 @@ def cost_ratio(target, draft, new_tokens: int = 32, reps: int = 7) -> dict:
 
 
 def evaluate_draft(weights: Path = DEFAULT_WEIGHTS, work: Path | None = None, timing: bool = True) -> dict:
-    from declab.draft_data import build_prompts
+    from tools.draft_data import build_prompts
     target, tok = load_base()
     draft, info = build_draft_model(load_base()[0], weights)
     result = {"recipe": {k: v for k, v in info.items() if k != "history"}}
@@ -731,7 +629,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-timing", action="store_true")
     args = ap.parse_args(argv)
     _threads(args.threads)
-    from declab.loading import cache_root
+    from declab.models.loading import cache_root
     work = Path(args.work or cache_root() / "draft-build")
     work.mkdir(parents=True, exist_ok=True)
     if args.command == "answers":

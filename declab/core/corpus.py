@@ -1,0 +1,102 @@
+"""Text corpora: the default corpus every machine has (CPython's own documentation prose) and a user's text file or
+folder, as lists of documents. Used by superposed decoding's n-gram tables and by the draft build (tools/).
+
+Default corpus ("python-docs"): the Python Language Reference topics (`pydoc_data/topics.py`) and the docstrings of
+the standard library modules (extracted with `ast`, tests and GUI packages left out): English prose that ships
+with every CPython, so it is there without network and without a download step.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+import sysconfig
+from pathlib import Path
+
+from declab.core.errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "site-packages", "dist-packages",
+               "pydoc_data", "ensurepip", "venv"}
+
+
+def default_corpus_documents(max_chars: int | None = None) -> list[str]:
+    """The default corpus: CPython's Language Reference topics plus standard-library docstrings (see module doc);
+    with max_chars, the first documents up to that size."""
+    docs: list[str] = []
+    try:
+        from pydoc_data.topics import topics
+        docs.extend(str(v) for _, v in sorted(topics.items()))
+    except ImportError:                                          # a stripped Python: docstrings only
+        pass
+    if max_chars is not None and sum(map(len, docs)) >= max_chars:
+        out, size = [], 0
+        for d in docs:
+            if size >= max_chars:
+                break
+            out.append(d)
+            size += len(d)
+        return out
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).parts
+        if any(part in STDLIB_SKIP for part in rel[:-1]) or rel[-1].startswith("test_"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 80:
+                    docs.append(doc)
+    return docs
+
+
+def _corpus_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        if files:
+            return files
+        raise UserError(f"superposed: ngram_corpus folder {path} has no {'/'.join(TEXT_SUFFIXES)} files")
+    raise UserError(f"superposed: ngram_corpus {path} is not a file or folder")
+
+
+def corpus_identity(corpus: str) -> str:
+    """A string that changes when the corpus changes (paths, sizes, mtimes; the Python version for the default)."""
+    if not corpus:
+        return f"python-docs:{sys.version_info[:3]}:{sysconfig.get_paths()['stdlib']}"
+    parts = []
+    for f in _corpus_files(Path(corpus).expanduser()):
+        st = f.stat()
+        parts.append(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(parts)
+
+
+def corpus_documents(corpus: str) -> list[str]:
+    """A user corpus: each file is split into documents at blank-line runs of paragraphs (~4 KB blocks)."""
+    if not corpus:
+        return default_corpus_documents()
+    docs: list[str] = []
+    for f in _corpus_files(Path(corpus).expanduser()):
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise UserError(f"superposed: cannot read ngram_corpus file {f}: {e}") from None
+        block: list[str] = []
+        size = 0
+        for para in text.split("\n\n"):
+            block.append(para)
+            size += len(para)
+            if size > 4000:
+                docs.append("\n\n".join(block))
+                block, size = [], 0
+        if block:
+            docs.append("\n\n".join(block))
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise UserError(f"superposed: ngram_corpus {corpus} has no text")
+    return docs
