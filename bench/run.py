@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from declab.run import Run, RunRequest, attach_second_model, get_lm, versions
+from declab.models.registry import load_registry
+from declab.run import Run, RunRequest, get_lm, versions
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The history of the printing press begins"
@@ -201,7 +202,6 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
-    from declab.models.registry import load_registry
     rows, notes = runnable(BENCH, load_registry())
     if args.only:
         wanted = {w.strip() for w in args.only.split(",")}
@@ -224,8 +224,7 @@ def main(argv=None) -> int:
             return None, args.tokens
         req = RunRequest(model=row.model, strategy=row.strategy, prompt=row.prompt, prompt_format=row.prompt_format,
                          params=row.params, max_new_tokens=args.tokens, seed=0)
-        attach_second_model(req)                             # ead / speculative / contrastive: the embedded draft
-        res = Run(lm, req).run_to_end()
+        res = Run(lm, req).run_to_end()                      # ead / speculative / contrastive: the embedded draft
         if res.status != "ok":
             raise SystemExit(f"bench: {row.label} failed: {res.error}")
         return res, max(1, len(res.sequences[0].token_ids))

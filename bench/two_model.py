@@ -4,7 +4,7 @@ token), speculative decoding (acceptance rate, mean accepted length, speedup ove
 
 Timings are ratios measured in this one process, interleaved (target-only greedy, then the strategy, per prompt and
 repetition), medians over repetitions; every run uses the lab's own loops with full tracing. The prompts are the
-draft's held-out prompts (declab/draft_data.py: topics never seen in its training).
+draft's held-out prompts (tools/draft_data.py: topics never seen in its training).
 
     .venv/bin/python -m bench.two_model [--tokens 64] [--prompts 6] [--reps 2] [--threads N] [--quick]
 
@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from tools.draft_data import build_prompts
 from declab.run import Run, RunRequest, get_lm, versions
+from tools.draft_build import agreement, cost_ratio
+from tools.draft_data import build_prompts
 
 TARGET, DRAFT = "smollm2-135m-instruct", "smollm2-135m-draft"
 RESULTS = Path(__file__).resolve().parent / "results"
+ROLES = {"speculative": "draft", "ead": "small"}            # the role the draft model plays in each strategy
 
 SPECULATIVE = [
     ("greedy, gamma=2", {"num_draft_tokens": 2}),
@@ -44,11 +46,14 @@ EAD = [("tau=1.0", {"threshold": 1.0}), ("tau=2.0", {"threshold": 2.0}), ("tau=3
        ("tau=2.0, d_min=1, w=1", {"threshold": 2.0, "min_dwell": 1, "window": 1})]
 
 
-def run(lm, strategy, prompt, n, params=None, seed=0, extras=None):
+def run(lm, strategy, prompt, n, params=None, seed=0, second=None):
+    """One run of `strategy` on `lm`; second: the loaded draft model, given to the strategy's second-model role
+    (speculative: 'draft', ead: 'small')."""
     req = RunRequest(model=lm.key, strategy=strategy, prompt=prompt, prompt_format="chat", params=params or {},
-                     max_new_tokens=n, seed=seed, extras=extras or {})
+                     max_new_tokens=n, seed=seed, second_model=second.key if second is not None else None)
+    models = {ROLES.get(strategy, "draft"): second} if second is not None else None
     t0 = time.perf_counter()
-    res = Run(lm, req).run_to_end()
+    res = Run(lm, req, models=models).run_to_end()
     return res, time.perf_counter() - t0
 
 
@@ -60,7 +65,6 @@ def mean(xs):
 def draft_numbers(target, draft, prompts, n) -> dict:
     """Teacher-forced top-1 agreement on the target's greedy answers to held-out prompts, expected acceptance at
     T=1 (mean of sum_v min(p, q)), and the cost ratio (median ms per decoded token, draft / target)."""
-    from tools.draft_build import agreement, cost_ratio
     answers = []
     for p in prompts:
         res, _ = run(target, "greedy", p, n)
@@ -81,7 +85,6 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     target, draft = get_lm(TARGET), get_lm(DRAFT)
-    extras = {"second_model": DRAFT, "second_lm": draft}
     prompts = build_prompts()[1][: args.prompts]
     spec_cfgs = SPECULATIVE[2:3] + SPECULATIVE[7:8] if args.quick else SPECULATIVE
     ead_cfgs = EAD[1:2] if args.quick else EAD
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
         for p in prompts:
             for rep in range(args.reps):
                 g, tg = run(target, "greedy", p, args.tokens)
-                r, tr = run(target, strategy, p, args.tokens, params, seed=rep, extras=extras)
+                r, tr = run(target, strategy, p, args.tokens, params, seed=rep, second=draft)
                 n_g, n_r = len(g.sequences[0].token_ids), len(r.sequences[0].token_ids)
                 base_t.append(tg / max(n_g, 1))
                 strat_t.append(tr / max(n_r, 1))

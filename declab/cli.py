@@ -155,9 +155,8 @@ def cmd_run(args) -> int:
 def wait_until_interrupted(service: RunService) -> None:
     """Run the service to the end. A first Ctrl-C stops the run after the current step, so it is kept (stored,
     exported) with status 'stopped'; a second Ctrl-C interrupts at once."""
-    service.start()
     if threading.current_thread() is not threading.main_thread():
-        service.wait()
+        service.start().wait()
         return
     previous = signal.getsignal(signal.SIGINT)
     if previous is None:                                     # a handler not set from Python: restore the default
@@ -167,9 +166,9 @@ def wait_until_interrupted(service: RunService) -> None:
         service.stop()
         signal.signal(signal.SIGINT, previous)
 
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGINT, stop)                       # before the run starts: its first step may be Ctrl-C'd
     try:
-        service.wait()
+        service.start().wait()
     finally:
         signal.signal(signal.SIGINT, previous)
 

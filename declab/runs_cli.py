@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from declab.core.errors import UserError
+from declab.core.meta import RunMeta
 from declab.run.store import open_store
 
 
@@ -103,21 +104,21 @@ def _show(store, args) -> int:
     if args.json:
         print(json.dumps(meta, indent=2, ensure_ascii=False, default=str))
     else:
-        info = store.info(meta["run_id"])
-        print(f"run {meta['run_id']} · {info['status']} · {info['started_at']} · from {info['source'] or '?'}"
+        m = RunMeta.from_dict(meta)
+        info = store.info(m.run_id)
+        print(f"run {m.run_id} · {info['status']} · {info['started_at']} · from {info['source'] or '?'}"
               + (f" · tags {', '.join(info['tags'])}" if info["tags"] else ""))
-        if meta.get("error"):
-            print(f"error: {meta['error']}")
-        print(f"model {meta.get('model')} ({meta.get('device', '?')}, {meta.get('dtype', '?')}, quantization "
-              f"{meta.get('quantization', '?')}) · strategy {meta.get('strategy')} · seed {meta.get('seed')} · "
-              f"{meta.get('prompt_format', '?')} prompt · max new tokens {meta.get('max_new_tokens')}")
-        print(f"params: {json.dumps(meta.get('params') or {}, ensure_ascii=False, default=str)}")
-        metrics = meta.get("metrics") or {}
-        print("metrics: " + ", ".join(f"{k} {v}" for k, v in metrics.items()) + f" · wall {meta.get('wall_s')} s")
+        if m.error:
+            print(f"error: {m.error}")
+        print(f"model {m.model} ({m.device or '?'}, {m.dtype or '?'}, quantization {m.quantization or '?'}) · "
+              f"strategy {m.strategy} · seed {m.seed} · {m.prompt_format or '?'} prompt · max new tokens "
+              f"{m.max_new_tokens}")
+        print(f"params: {json.dumps(m.params, ensure_ascii=False, default=str)}")
+        print("metrics: " + ", ".join(f"{k} {v}" for k, v in m.metrics.items()) + f" · wall {m.wall_s} s")
         print(f"trace: {len(frame)} rows, {len(frame.columns)} columns")
         print("prompt:")
-        print(meta.get("prompt", ""))
-        for i, s in enumerate(meta.get("sequences") or []):
+        print(m.prompt)
+        for i, s in enumerate(m.sequences):
             print(f"sequence {i + 1} ({len(s.get('token_ids') or [])} tokens, score {s.get('score')}):")
             print(s.get("text", ""))
     if args.trace:

@@ -2,7 +2,7 @@
 
 Paper: Park, Wang, Berg-Kirkpatrick, Polikarpova, D'Antoni, "Grammar-Aligned Decoding", NeurIPS 2024
 (arXiv 2405.21047); reference: ebmoon/transformers-GAD (`oracle/oracle_trie.py`,
-`GrammarAlignedOracleLogitsProcessor`). Spec: ../shared/algorithms.md section 7.
+`GrammarAlignedOracleLogitsProcessor`). Spec: docs/strategies.md#asap.
 
 Goal: sample from Q(w) ∝ P(w) 1[w in L(G)], the model conditioned on the grammar. Exact left-to-right sampling
 needs Q(t|u) ∝ P(t|u) EFG(u.t), where EFG(u) = sum_w P(w|u) 1[u.w in L] is the expected future grammaticality; GCD
@@ -18,19 +18,20 @@ Paper symbols -> config fields: G -> `grammar` (a built-in; the CLI's --grammar-
 precedence), the number of samples N -> `num_samples` (drawn one after another from the one trie; all returned in
 the order drawn), P -> the model at `temperature` (1.0 = the paper; other values define P as the
 temperature-scaled model, and Q relative to it), EFG~ -> the trace columns efg_before / efg_after / efg_child /
-efg_root. `exact_max_nodes`: exact mode for small finite grammars (strategies/grammar.py). No top-k / top-p: they
-are not part of the algorithm (the paper samples at top_k 0, top_p 1).
+efg_root. `exact_max_nodes`: exact mode for small finite grammars (strategies/grammar/exact.py). No top-k / top-p:
+they are not part of the algorithm (the paper samples at top_k 0, top_p 1).
 
 Where we differ from the reference, on purpose:
 - children are inserted all at once and EFG~ recomputed once per expansion (the reference recomputes after each
-  insertion; algorithms.md 7.2 notes this);
+  insertion; docs/strategies.md#asap notes this);
 - a revisited node reads its distribution from the trie instead of running the model (the matcher still accepts
   every token); the KV cache is cropped back to the prompt between samples and the tokens walked since the last
   forward are fed in one call when an unexpanded node is reached;
 - max_new_tokens is a budget (EOS counted): a sample that runs out of it marks its last node dead (EFG~ = 0), so
   Q and EFG are relative to sentences that fit the budget, and exact mode enumerates that same set;
-- P(t|u) is cached per node with a least-recently-used bound on the total (strategies.grammar.TRIE_CACHE_ENTRIES);
-  an evicted node is recomputed (one forward) on its next visit, its EFG~ and children are kept.
+- P(t|u) is cached per node with a least-recently-used bound on the total
+  (strategies.grammar.trie.TRIE_CACHE_ENTRIES); an evicted node is recomputed (one forward) on its next visit, its
+  EFG~ and children are kept.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 BeamSearchScorer beam search of transformers 4.36-4.56 (the one-group case of diverse beam search;
 engine in strategies/beams.py, documented in strategies/diverse_beam.py).
 
-No single paper (a classic of speech recognition and MT); semantics from the HF reference (algorithms.md 1.2-1.3).
+No single paper (a classic of speech recognition and MT); semantics from the HF reference (docs/strategies.md#beam).
 Config fields: `num_beams` (B), `length_penalty` (α: finished scores are sum / gen_len**α, prompt excluded),
 `early_stopping` (True / False / "never", as in HF), `num_return_sequences` (0 = all num_beams), returned best first
 with HF's `sequences_scores` as `score` and the plain log-likelihood as `loglik`.

@@ -3,7 +3,7 @@
 Paper: Li, Holtzman, Fried, Liang, Eisner, Hashimoto, Zettlemoyer, Lewis, "Contrastive Decoding: Open-ended Text
 Generation as Optimization" (arXiv 2210.15097, 2022); reference `XiangLi1999/ContrastiveDecoding` (its README runs
 gpt2-xl / gpt2 with `--st_coef 1.0 --student_temperature 0.5`). Logit-space form: O'Brien & Lewis, "Contrastive
-Decoding Improves Reasoning in Large Language Models" (2023). Spec: algorithms.md 5.3 and 5.4 (d).
+Decoding Improves Reasoning in Large Language Models" (2023). Spec: docs/strategies.md#contrastive.
 
 Rule, per step (expert = the run's model, amateur = the second model, same tokenizer):
     V_head = { v : p_EXP(v) >= alpha * max_w p_EXP(w) }                       (adaptive plausibility constraint)

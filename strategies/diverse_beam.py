@@ -2,7 +2,7 @@
 
 Paper: Vijayakumar et al., "Diverse Beam Search: Decoding Diverse Solutions from Neural Sequence Models",
 arXiv 1610.02424 (AAAI 2018). Reference semantics: transformers 4.36-4.56 `_group_beam_search` with
-`BeamSearchScorer` and `HammingDiversityLogitsProcessor` (algorithms.md 1.2-1.3). transformers 5 dropped group beam
+`BeamSearchScorer` and `HammingDiversityLogitsProcessor` (docs/strategies.md#diverse_beam). transformers 5 dropped group beam
 search from its core, so the lab carries its own.
 
 The B beams are split into G groups of S = B/G. Every step runs ONE batched forward over all B rows; then, group by

@@ -1,15 +1,15 @@
 """Entropy Adaptive Decoding (EAD): decode with a small model, hand over to the large one while the text is hard.
 
 Paper: Toby Simonds, "Entropy Adaptive Decoding: Dynamic Model Switching for Efficient Inference" (arXiv 2502.06833,
-2025). No reference code; spec: algorithms.md section 6.
+2025). No reference code; spec: docs/strategies.md#ead.
 
-Rule (algorithms.md 6.1). H_t = entropy in bits of the *active* model's next-token distribution, before temperature
+Rule (docs/strategies.md#ead). H_t = entropy in bits of the *active* model's next-token distribution, before temperature
 (and before top-k / top-p). H̄_t = mean of the last `window` values of H_t. With c = tokens produced by the active
 model since the last switch:
     M_{t+1} = L  if H̄_t > threshold and c >= min_dwell
     M_{t+1} = S  if H̄_t <= threshold and c >= min_dwell
     otherwise M_{t+1} = M_t
-Convention A (cheap, the default of algorithms.md): the decision made after token t applies from token t+1; the
+Convention A (cheap, the default of docs/strategies.md#ead): the decision made after token t applies from token t+1; the
 token that pushed H̄ over the threshold stays. The first token's model is decided the same way from the small
 model's entropy at the end of the prompt (one small-model value, no dwell), so a threshold above every entropy
 gives exactly the small model's output and a threshold below zero exactly the large model's (with temperature 0:
@@ -31,7 +31,7 @@ on before this token), `fwd_ms`. A `switch` row at the step where the new model 
 model, `from_model`, `entropy` = the H̄ that triggered it, `decided_at` (the step after which it was decided).
 
 Metrics: large_fraction f_L (share of tokens by L), switches, catch_up_tokens, compute_ratio C/C_L = f_L + (1 - f_L)
-P_S / P_L with P = parameter count (algorithms.md 6.3: only the active model charged, catch-up ignored),
+P_S / P_L with P = parameter count (docs/strategies.md#ead: only the active model charged, catch-up ignored),
 compute_saved = 1 - C/C_L, and the measured small / large forward-time ratio of this run.
 """
 

@@ -5,7 +5,7 @@ transformers-cfg, xgrammar): u -> allowed(u) from an incremental parser, logits 
 then the usual temperature / top-k / top-p and one draw. Every output is a viable prefix of the grammar, and a
 complete sentence once the model picks EOS.
 
-The catch (Park et al., "Grammar-Aligned Decoding", NeurIPS 2024, arXiv 2405.21047; algorithms.md section 7):
+The catch (Park et al., "Grammar-Aligned Decoding", NeurIPS 2024, arXiv 2405.21047; docs/strategies.md#gcd):
 GCD samples t with probability P(t|u) 1[u.t viable] / sum_allowed P, which is the exact grammar-conditioned
 distribution Q(w) ∝ P(w) 1[w in L] only when every viable prefix has expected future grammaticality 0 or 1. On
 the paper's toy {000, 100, 101, 110, 111}, after "0" the mask forces "000" whatever the model thinks of it, so
@@ -16,10 +16,10 @@ Paper symbols -> config fields: the grammar G -> `grammar` (a built-in; the CLI'
 take precedence), the number of samples N -> `num_samples` (drawn independently, one after another, every one
 returned in the order drawn), temperature / top-k / top-p as in `sample` (applied after the mask, transformers'
 order; top-k and top-p act on the allowed set). `exact_max_nodes`: exact mode for small finite grammars (see
-strategies/grammar.py). The loop, trace columns, exact mode and KL rows are shared with asap and documented in
-strategies/grammar.py; gcd keeps no cached distributions (each step is one forward and one mask, as plain GCD),
-and `masked_mass` is the probability the mask removed: 1 - sum over allowed tokens of P(t|u) (temperature-scaled,
-before top-k / top-p).
+strategies/grammar/exact.py). The loop, trace columns, exact mode and KL rows are shared with asap and documented
+in the package strategies/grammar/ (the loop and the trace columns in loop.py); gcd keeps no cached distributions
+(each step is one forward and one mask, as plain GCD), and `masked_mass` is the probability the mask removed:
+1 - sum over allowed tokens of P(t|u) (temperature-scaled, before top-k / top-p).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Paper: Basu, Ramachandran, Keskar, Varshney, "Mirostat: A Neural Text Decoding Algorithm that Directly Controls
 Perplexity", ICLR 2021 (arXiv 2007.14966); reference implementation basusourya/mirostat `mirostat.py` (v1).
 v2 ("Mirostat 2.0") follows llama.cpp (`llama_sampler_mirostat_v2_apply`); it is not in the paper text.
-Spec: ../shared/algorithms.md section 2.
+Spec: docs/strategies.md#mirostat.
 
 Each step (state per run: mu, initialised to 2*tau, in bits):
   p = softmax(logits / temperature)                       temperature first, as llama.cpp (1.0 = the paper)
@@ -30,7 +30,7 @@ GPT-2's 50257), k is clamped to [1, V] and computed in log space (2^mu overflows
 limit eps / (1 - N^-eps) -> 1/ln N instead of 0/0, the fit uses at most V ranks, and pairs whose smaller
 probability is exactly 0 (a -inf logit) are left out of the fit. `surprise_from` defaults to `full` for v2 as well:
 only then is the mean surprise against the model held at tau (with `truncated` mu drifts up and the realised
-cross-entropy exceeds tau, algorithms.md 2.3). As in both references mu is not bounded: when tau lies outside what
+cross-entropy exceeds tau, docs/strategies.md#mirostat). As in both references mu is not bounded: when tau lies outside what
 the context allows (below the surprise of the top token, or above that of sampling the whole distribution) mu winds
 up or down without limit and the kept set sticks at 1 token or at all of them until the text moves back into range.
 The mean of S over a window is exactly tau + (mu at its start - mu at its end) / (eta * length), which is what the

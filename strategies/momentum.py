@@ -1,7 +1,7 @@
 """Momentum decoding: greedy search with a resistance against closing repeated n-gram loops.
 
 Paper: Lan, Su, Liu, Huang, Mao, "Momentum Decoding: Open-ended Text Generation As Graph Exploration"
-(arXiv 2212.02175); reference code gmftbyGMFTBY/MomentumDecoding (models/utlis_ngram.py). Spec: algorithms.md §3.
+(arXiv 2212.02175); reference code gmftbyGMFTBY/MomentumDecoding (models/utlis_ngram.py). Spec: docs/strategies.md#momentum.
 
 Generation is a walk on a graph whose nodes are token ids (prompt included) and whose edges are the observed
 transitions. Degeneration is the walk going round a loop it has already closed. At each step the top-k tokens by
@@ -19,8 +19,8 @@ Paper / reference symbol -> config field:
     Lmax (max_length = 5)                    -> max_ngram
     R(l) (ngram_lookup_table_*)              -> resistance (table name, see RESISTANCE_TABLES)
 
-Resistance tables (the reference changed R(l) across commits; algorithms.md §3.3), R(0..):
-    cac238b         0, 1, 3, 4, 5, 5   arXiv v1 date, "for GPT2-XL"; the default (algorithms.md recommends it)
+Resistance tables (the reference changed R(l) across commits; docs/strategies.md#momentum), R(0..):
+    cac238b         0, 1, 3, 4, 5, 5   arXiv v1 date, "for GPT2-XL"; the default (why: docs/strategies.md#momentum)
     2b58b6f         0, 1, 3, 4, 5, 6   first commit
     ngram_blocking  0, 0, 0, 0, 5      HEAD 744ff18 (R(5) = inf: blocks 5-gram repeats outright)
     linear          0, 1, 2, 3, 4, 5   the GPT2-XL alternative listed in a comment at HEAD

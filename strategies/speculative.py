@@ -6,9 +6,9 @@ arXiv 2211.17192); Chen et al., "Accelerating Large Language Model Decoding with
 "heuristic"`, `assistant_confidence_threshold`, after DISCO arXiv 2405.04304) and SpecDec++ (Huang et al.,
 arXiv 2405.19715). Model-free drafters: prompt lookup decoding (Saxena 2023; transformers'
 `prompt_lookup_num_tokens`) and an ADED-style tri-gram table (Liu et al., "Adaptive Draft-Verification for
-Efficient Large Language Model Decoding", arXiv 2407.12021). Spec: algorithms.md section 8.
+Efficient Large Language Model Decoding", arXiv 2407.12021). Spec: docs/strategies.md#speculative.
 
-One round (algorithms.md 8.1):
+One round (docs/strategies.md#speculative):
     draft gamma tokens x~_i ~ q_i (q after the same temperature / top-k / top-p warpers as the target)
     one target forward over [last token, x~_1..x~_gamma] -> p_1..p_{gamma+1} (warped the same way)
     accept x~_i with probability min(1, p_i(x~_i) / q_i(x~_i)); at the first rejection emit t ~ norm(max(0, p_i - q_i))

@@ -1,6 +1,6 @@
 """Superposed Decoding: k drafts from one autoregressive pass (Shen et al., "Superposed Decoding: Multiple
 Generations from a Single Autoregressive Inference Pass", NeurIPS 2024, arXiv 2405.18400; reference code
-RAIVNLab/SuperposedDecoding `superposed/llama/superpose.py`; ../shared/algorithms.md section 4).
+RAIVNLab/SuperposedDecoding `superposed/llama/superpose.py`; docs/strategies.md#superposed).
 
 The k drafts share ONE KV cache. The prompt is prefilled with input_ids; then every step feeds a single superposed
 input embedding e = m·E (E: the input embedding matrix, m: the drafts' last tokens weighted by their normalised
@@ -35,7 +35,7 @@ Deviations from the reference, and why:
   win on pseudo-perplexity by growing longer, so this is a heuristic; turn it off for reference behaviour). With
   k = 1 it makes a greedy run that ends in EOS end there too.
 - Ties in the pair ranking break to the lower (draft, token-rank) index (stable sort), so runs are reproducible.
-- Batch size 1 (one prompt), as algorithms.md advises; no `still_prompt`/`is_first` masks are needed.
+- Batch size 1 (one prompt), see docs/strategies.md#superposed; no `still_prompt`/`is_first` masks are needed.
 
 Trace: per step one `token` row per alive draft (branch_id = draft slot, parent_id = the slot it came from; the
 drafts are the branches of the token tree) with the model's raw logprob and entropy of the superposed position,

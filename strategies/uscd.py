@@ -2,8 +2,8 @@
 
 Paper: Wang, Ding, Shen, Luo, He, Yu, Tao, "USCD: Improving Code Generation of LLMs by Uncertainty-Aware Selective
 Contrastive Decoding" (arXiv 2409.05923); reference `alphadl/CodeGen-USCD` (`bigcode_eval/contrast.py`
-EnsembleLogitsProcessor, `main.py`, run script `codellama_7b_weight_10_-07_pass@1.sh`). Spec: algorithms.md 5.1,
-5.2, 5.4.
+EnsembleLogitsProcessor, `main.py`, run script `codellama_7b_weight_10_-07_pass@1.sh`).
+Spec: docs/strategies.md#uscd.
 
 Lame prompt (5.1): the standard prompt with its input-output examples removed. Derived automatically by
 `lame_prompt()`: HumanEval style, every doctest example (a `>>>` line and its expected-output lines), every

@@ -1,4 +1,4 @@
-"""Contrastive decoding (algorithms.md 5.3, 5.4 d) on fake expert/amateur pairs: every step re-derived from a no-cache
+"""Contrastive decoding (docs/strategies.md#contrastive) on fake expert/amateur pairs: every step re-derived from a no-cache
 reference (both score forms), alpha = 1 is expert greedy, expert == amateur makes the score constant on V_head and
 the lowest id wins (the documented tie rule), the amateur's temperature, the 'no amateur' error (runner and CLI),
 and a short run on the embedded model with itself as amateur."""
@@ -25,7 +25,7 @@ def pair():
 def run(lm, amateur=None, prompt=" the cat", n=24, seed=0, **params):
     models = {"amateur": amateur} if amateur is not None else {}
     return Run(lm, RunRequest(model=lm.key, strategy="contrastive", prompt=prompt, params=params, max_new_tokens=n,
-                              seed=seed, second_model=amateur.key if amateur is not None else None),
+                              seed=seed),
                models=models).run_to_end()
 
 

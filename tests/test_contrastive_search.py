@@ -1,4 +1,4 @@
-"""Contrastive search (algorithms.md §9): property tests 9.2 (a) and (c) on the scripted fake model (exact) and on
+"""Contrastive search (docs/strategies.md#contrastive_search): property tests 9.2 (a) and (c) on the scripted fake model (exact) and on
 the embedded model, the ranking against a from-scratch recomputation, and the one-forward-per-token structure.
 The golden test against transformers 4.x is in test_contrastive_search_golden.py."""
 

@@ -1,15 +1,22 @@
-"""The embedded draft model (declab/draft.py): the build pipeline on a tiny random Llama (features, distillation
-lowers the KL, save -> load gives a model whose forward is exactly frozen layers + adapter + shared head), the
-models.yaml `draft` source, and the stored draft for SmolLM2-135M-Instruct (small, loads offline, reuses the
-target's first layers and head, agrees with the target far above an untrained sub-network)."""
+"""The embedded draft model (built by tools/draft_build.py, loaded by declab/models/draft.py): the build pipeline
+on a tiny random Llama (features, distillation lowers the KL, save -> load gives a model whose forward is exactly
+frozen layers + adapter + shared head), the models.yaml `draft` source, and the stored draft for
+SmolLM2-135M-Instruct (small, loads offline, reuses the target's first layers and head, agrees with the target far
+above an untrained sub-network)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
-from tools import draft_build as D
 from declab.core.errors import UserError
+from declab.models.draft import DEFAULT_WEIGHTS, SubVocabHead, build_draft_model, read_draft_info
+from declab.models.registry import load_registry
+from declab.run import get_lm
+from tools import draft_build as D
+from tools.draft_data import build_prompts
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +52,6 @@ def test_teacher_features_match_a_plain_forward(tiny):
 
 @pytest.mark.parametrize("weights", ["float16", "int8"])
 def test_training_lowers_the_kl_and_the_saved_draft_is_frozen_layers_plus_adapter(tiny, tmp_path, weights):
-    import copy
     rows = tiny_rows(24)
     recs = D.with_features(rows, D.teacher_features(tiny, rows, frozen=2, top_k=8, log=lambda m: None))
     feats = {"train": recs[:20], "held_out": recs[20:]}
@@ -59,8 +65,8 @@ def test_training_lowers_the_kl_and_the_saved_draft_is_frozen_layers_plus_adapte
     assert first["kl"] > 0
     path = tmp_path / "d.safetensors"
     D.save_draft(adapter, info, path, weights=weights)
-    assert D.read_draft_info(path)["frozen"] == 2 and D.read_draft_info(path)["weights"] == weights
-    model, _ = D.build_draft_model(copy.deepcopy(tiny), path)
+    assert read_draft_info(path)["frozen"] == 2 and read_draft_info(path)["weights"] == weights
+    model, _ = build_draft_model(copy.deepcopy(tiny), path)
     assert model.config.num_hidden_layers == 3
     # the draft's layers 0..1 are the target's, its top is the (float16-stored) adapter, the head is shared
     for a, b in zip(model.model.layers[:2].parameters(), tiny.model.layers[:2].parameters()):
@@ -83,7 +89,6 @@ def test_training_lowers_the_kl_and_the_saved_draft_is_frozen_layers_plus_adapte
 
 
 def test_registry_checks_draft_sources(tmp_path):
-    from declab.models.registry import load_registry
     p = tmp_path / "m.yaml"
     p.write_text("models:\n  a: {source: {hub: x/y}}\n  d: {source: {draft: w.safetensors}}\n")
     with pytest.raises(UserError, match="needs the key of its base model"):
@@ -98,7 +103,7 @@ def test_registry_checks_draft_sources(tmp_path):
 
 def test_sub_vocabulary_head_is_the_full_head_restricted(tiny):
     ids = torch.tensor([0, 3, 5, 40, 96])
-    head = D.SubVocabHead(tiny.lm_head.weight, ids)
+    head = SubVocabHead(tiny.lm_head.weight, ids)
     h = torch.randn(2, 3, 32)
     full = tiny.lm_head(h)                                             # [2, 3, V]
     got = head(h)
@@ -127,10 +132,9 @@ def test_frequency_vocabulary_keeps_frequent_and_special_tokens():
 
 # ------------------------------------------------------------------------------------------------ stored draft
 def test_stored_draft_is_small_and_described():
-    assert D.DEFAULT_WEIGHTS.stat().st_size <= 25e6
-    info = D.read_draft_info(D.DEFAULT_WEIGHTS)
+    assert DEFAULT_WEIGHTS.stat().st_size <= 25e6
+    info = read_draft_info(DEFAULT_WEIGHTS)
     assert info["base"] == "smollm2-135m-instruct" and info["frozen"] >= 1 and info["adapter_layers"] >= 1
-    from declab.models.registry import load_registry
     reg = load_registry()
     assert reg.get("smollm2-135m-instruct").pairs[0] == "smollm2-135m-draft"
     assert reg.get("smollm2-135m-draft").source["base"] == "smollm2-135m-instruct"
@@ -138,17 +142,15 @@ def test_stored_draft_is_small_and_described():
 
 @pytest.mark.model
 def test_stored_draft_reuses_the_target_and_agrees_with_it(real_lm):
-    from tools.draft_data import build_prompts
-    from declab.run import get_lm
     draft = get_lm("smollm2-135m-draft")
-    info = D.read_draft_info(D.DEFAULT_WEIGHTS)
+    info = read_draft_info(DEFAULT_WEIGHTS)
     E = info["frozen"]
     assert draft.vocab_size == real_lm.vocab_size and draft.eos_ids == real_lm.eos_ids
     assert draft.model.config.num_hidden_layers == E + info["adapter_layers"]
     for a, b in zip(draft.model.model.layers[:E].parameters(), real_lm.model.model.layers[:E].parameters()):
         assert torch.equal(a, b)
     head = draft.model.lm_head                                          # FR-Spec: the target's rows for its vocabulary
-    if isinstance(head, D.SubVocabHead):
+    if isinstance(head, SubVocabHead):
         assert head.vocab_ids.numel() == info["draft_vocab"] and set(real_lm.eos_ids) <= set(head.vocab_ids.tolist())
         assert torch.equal(head.weight, real_lm.model.lm_head.weight[head.vocab_ids])
     else:

@@ -1,4 +1,4 @@
-"""Entropy Adaptive Decoding (algorithms.md §6): property tests 6.4 (a) threshold above every entropy = small-model
+"""Entropy Adaptive Decoding (docs/strategies.md#ead): property tests 6.4 (a) threshold above every entropy = small-model
 greedy, below zero = large-model greedy; (b) a forced switching schedule equals a no-cache reference (cache
 catch-up); (c) no switch before min_dwell, and the whole schedule re-derived from the recorded entropies; metrics
 and forward counts; the same identities on the embedded model and its distilled draft."""
@@ -27,7 +27,7 @@ def pair():
 
 def run(lm, second=None, prompt=" the cat", n=40, seed=0, strategy="ead", **params):
     return Run(lm, RunRequest(model=lm.key, strategy=strategy, prompt=prompt, params=params, max_new_tokens=n,
-                              seed=seed, second_model=second.key if second is not None else None),
+                              seed=seed),
                models={"small": second} if second is not None else {}).run_to_end()
 
 
@@ -59,7 +59,7 @@ def drive(strategy, large, small, prompt_ids, n, **params):
         while True:
             next(gen)
     except StopIteration as done:
-        return done.value[0].token_ids, ctx.trace.frame(), ctx.metrics
+        return done.value[0].token_ids, ctx.trace.frame(), ctx.metrics.as_dict()
 
 
 def no_cache_reference(large, small, prompt_ids, n, every, start):

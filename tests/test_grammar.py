@@ -1,5 +1,5 @@
 """gcd and asap on toy models whose vocabulary matches the binary grammars ({"</s>", "0", "1"}): exact property
-tests from algorithms.md 7.5, exact mode against an independent brute-force enumeration, the trace, grammar input
+tests from docs/strategies.md#asap, exact mode against an independent brute-force enumeration, the trace, grammar input
 and errors, the CLI."""
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def test_too_large_or_infinite_language_is_not_enumerated():
 # ------------------------------------------------------------------------------------------------ 7.5 (a)
 @pytest.mark.parametrize("text,n_samples", [(B3, 2000), (B5, 2500)])
 def test_asap_matches_the_exact_distribution_and_gcd_does_not(text, n_samples):
-    """algorithms.md 7.5 (a): chi-square of ASAp's samples against exact Q passes; GCD's fails (and GCD's samples do
+    """docs/strategies.md#asap (a): chi-square of ASAp's samples against exact Q passes; GCD's fails (and GCD's samples do
     follow GCD's own exact distribution, so the failure is the distortion, not a bug)."""
     lm = toy()
     n = 8
@@ -197,7 +197,7 @@ def test_efg_is_monotone_per_node_and_never_below_the_exact_efg():
 
 
 def test_fully_explored_tree_gives_efg_root_equal_to_z():
-    """algorithms.md 7.5 (d)."""
+    """docs/strategies.md#asap (d)."""
     lm = toy(lambda context: torch.zeros(3))                          # every grammatical string equally likely
     for text in (B3, B5):
         ex = exact(lm, text)
@@ -288,7 +288,7 @@ def test_budget_too_small_for_any_sentence_marks_samples_incomplete():
 
 
 def test_eviction_of_cached_distributions_keeps_asap_exact(monkeypatch):
-    monkeypatch.setattr(G, "TRIE_CACHE_ENTRIES", 3)
+    monkeypatch.setattr(G.trie, "TRIE_CACHE_ENTRIES", 3)
     lm = toy()
     ex = exact(lm, B3)
     res = run(lm, "asap", text=B3, seed=7, num_samples=1500)

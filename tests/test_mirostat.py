@@ -1,4 +1,4 @@
-"""Mirostat v1/v2 on the scripted fake model and on synthetic distributions: algorithms.md 2.3 property tests,
+"""Mirostat v1/v2 on the scripted fake model and on synthetic distributions: docs/strategies.md#mirostat property tests,
 the reference's k and s_hat recomputed independently, trace identities, config validation, the figures."""
 
 import math
@@ -166,7 +166,7 @@ def test_running_mean_surprise_converges_to_tau(version, tau):
 @pytest.mark.parametrize("version", [1, 2])
 def test_truncated_surprise_lets_the_true_surprise_exceed_tau(version):
     """llama.cpp's choice: the controller sees the truncated (renormalised) surprise, which is never above the
-    full one, so it holds *that* at tau and the surprise against the model ends above tau (algorithms.md 2.3)."""
+    full one, so it holds *that* at tau and the surprise against the model ends above tau (docs/strategies.md#mirostat)."""
     tau = 3.0
     c = controller(seed=1, vocab=2000, version=version, tau=tau, surprise_from="truncated")
     seen, true = [], []

@@ -1,4 +1,4 @@
-"""Momentum decoding (algorithms.md §3): property tests 3.5 (a)(b)(c) on the scripted fake model, the n-gram
+"""Momentum decoding (docs/strategies.md#momentum): property tests 3.5 (a)(b)(c) on the scripted fake model, the n-gram
 index against a brute-force rescan, trace consistency, and a short run on the embedded model."""
 
 import math

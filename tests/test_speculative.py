@@ -1,4 +1,4 @@
-"""Speculative decoding / sampling (algorithms.md §8): property tests 8.4 (a)-(d) on scripted fake models (the
+"""Speculative decoding / sampling (docs/strategies.md#speculative): property tests 8.4 (a)-(d) on scripted fake models (the
 distribution of emitted tokens is the warped target distribution, greedy equals target greedy, tokens per round
 under i.i.d. acceptance, an identical draft accepts everything), the adaptive draft-length rules, the model-free
 drafters, trace/metric consistency, the CLI; and greedy identity on the embedded model with its distilled draft."""
@@ -36,7 +36,7 @@ def run(lm, second=None, prompt=" the cat", n=40, seed=0, strategy="speculative"
     if strategy == "speculative":
         params.setdefault("measure_speedup", False)
     return Run(lm, RunRequest(model=lm.key, strategy=strategy, prompt=prompt, params=params, max_new_tokens=n,
-                              seed=seed, second_model=second.key if second is not None else None),
+                              seed=seed),
                models=models).run_to_end()
 
 
@@ -65,7 +65,7 @@ def drive(lm, draft, n, seed=0, **params):
             next(gen)
     except StopIteration as done:
         seqs = done.value
-    return ctx.trace.frame(), seqs[0].token_ids, ctx.metrics
+    return ctx.trace.frame(), seqs[0].token_ids, ctx.metrics.as_dict()
 
 
 def constant_pair(p_logits, q_logits):
@@ -105,7 +105,7 @@ def test_acceptance_probability_and_residual_by_hand():
 
 def test_speculative_step_alone_samples_p():
     """2x10^4 single-position rounds of the acceptance test: the emitted token follows p (residual path included).
-    (algorithms.md asks 10^5; 2x10^4 keeps the test a few seconds and still rejects a wrong residual, see below.)"""
+    (docs/strategies.md#speculative mentions 10^5; 2x10^4 keeps the test a few seconds and still rejects a wrong residual, see below.)"""
     p = torch.tensor([0.1, 0.6, 0.05, 0.25, 0.0])
     q = torch.tensor([0.4, 0.1, 0.3, 0.1, 0.1])
     g = torch.Generator().manual_seed(0)

@@ -145,17 +145,22 @@ def test_import_without_metadata_and_bad_files(store, tmp_path, fake_registry, f
 
 # ------------------------------------------------------------------------------------------------ statuses
 def _patched_greedy(monkeypatch, after_steps: int, action):
-    from declab.core import STRATEGIES
-    from declab.core.loop import token_loop
+    from declab.core import load_strategies
+    from declab.core.loop import Choice, Selector, token_loop
+
+    class Acting(Selector):
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def apply(self, logits, step):
+            if step == after_steps:
+                action(self.ctx)
+            token = int(logits.argmax())
+            return Choice(token, float(logits.log_softmax(-1)[token]))
 
     def run(ctx, cfg):
-        def select(logits, step):
-            if step == after_steps:
-                action(ctx)
-            token = int(logits.argmax())
-            return token, float(logits.log_softmax(-1)[token]), {}
-        return (yield from token_loop(ctx, select))
-    monkeypatch.setattr(STRATEGIES["greedy"], "run", run, raising=False)
+        return (yield from token_loop(ctx, Acting(ctx)))
+    monkeypatch.setattr(load_strategies()["greedy"], "run", run, raising=False)
 
 
 def test_stopped_and_failed_runs_are_stored_as_such_with_what_they_produced(store, fake_registry, fake_lm,

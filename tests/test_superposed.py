@@ -1,4 +1,4 @@
-"""Superposed decoding (algorithms.md section 4): property tests 4.3 (a)-(d) on the scripted fake model (its
+"""Superposed decoding (docs/strategies.md#superposed): property tests 4.3 (a)-(d) on the scripted fake model (its
 inputs_embeds path mixes the logits of the mixed tokens), an unvectorised brute-force reference of the whole step
 (with and without n-grams), the n-gram store against brute-force counts, config checks, the mechanism figure, and
 short runs on the embedded model (k=1 equals greedy through inputs_embeds; one cache position per step)."""

@@ -1,4 +1,4 @@
-"""USCD (algorithms.md 5.1, 5.2, 5.4): lame-prompt derivation (HumanEval, MBPP, inside a chat message); property
+"""USCD (docs/strategies.md#uscd): lame-prompt derivation (HumanEval, MBPP, inside a chat message); property
 tests 5.4 (a) lame == standard keeps greedy, (b) threshold 0 = plain decoding (greedy and sampled), (c) the lame
 context always holds the same generated suffix; every step re-derived from an unbatched no-cache reference (both
 rows of the padded B=2 batch see exactly their own prompt); the gate mapping to the reference's std threshold; the

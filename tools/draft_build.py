@@ -10,9 +10,9 @@ arXiv 2310.08461, and an FR-Spec head, Zhao et al. 2025, arXiv 2502.14856):
 * `layers_target[0:E]`: the target's first E decoder layers, frozen, taken from the target's weights at load time
   (not stored);
 * `adapter`: A decoder layers of the same shape (initialised from the target's last A layers, `init=last`) and the
-  final norm `norm_d`, the only trained weights; stored in the repository (`declab/drafts/<key>.safetensors`, int8
-  matrices with a float16 scale per row, weight-only: the draft computes in float32), with the build recipe and its
-  training history in the file's metadata;
+  final norm `norm_d`, the only trained weights; stored in the repository
+  (`declab/models/drafts/<key>.safetensors`, package data: int8 matrices with a float16 scale per row, weight-only:
+  the draft computes in float32), with the build recipe and its training history in the file's metadata;
 * `embed`: the target's embedding; `head_N`: the target's tied LM head restricted to the N = 16,384 most frequent
   tokens (FR-Spec: counted over the training answers and the prose corpus, see `frequency_vocab`), -inf elsewhere.
   The head is the costliest single matmul of a 135M model with a 49k vocabulary; a third of it keeps the draft under
@@ -22,7 +22,7 @@ It is a plain `LlamaForCausalLM` with E + A layers and a `SubVocabHead`, so the 
 unchanged. Untrained sub-networks of this model agree with the target on <= 6% of greedy tokens (early exit after
 6-15 layers, layer skipping), so the adapter is trained by distillation:
 
-1. prompts (declab/draft_data.py): chat prompts from templates x topics plus standalone prompts; held-out prompts
+1. prompts (tools/draft_data.py): chat prompts from templates x topics plus standalone prompts; held-out prompts
    use a disjoint topic list;
 2. the target answers every prompt (batched `generate`, greedy; sampled answers optional);
 3. one teacher-forced target forward per sequence gives the features entering layer E (`hidden_states[E]`) and the
@@ -36,16 +36,19 @@ unchanged. Untrained sub-networks of this model agree with the target on <= 6% o
 The shipped draft (E = 8, A = 4; 1,440 training prompts x 160 greedy tokens, 48 held-out prompts): see the README
 section "Two-model decoding" for its measured agreement and cost.
 
-    python -m declab.draft build [--work DIR] [--out PATH] [--frozen 8 --adapter-layers 4 --init last]
-    python -m declab.draft vocab --weights PATH --out PATH [--draft-vocab N]   # re-set the FR-Spec vocabulary
-    python -m declab.draft eval  [--weights PATH]              # agreement and cost ratio of a stored draft
+    python -m tools.draft_build build [--work DIR] [--out PATH] [--frozen 8 --adapter-layers 4 --init last]
+    python -m tools.draft_build vocab --weights PATH --out PATH [--draft-vocab N]   # re-set the FR-Spec vocabulary
+    python -m tools.draft_build eval  [--weights PATH]              # agreement and cost ratio of a stored draft
 
-Loading: models.yaml source `{draft: PATH, base: KEY}` (declab/loading.py calls `build_draft_model`).
+An offline build tool (tools/ is not part of the installed engine). Loading the draft at run time is
+declab.models: models.yaml source `{draft: PATH, base: KEY}`, declab/models/loading.py calls
+declab.models.draft.build_draft_model.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -55,7 +58,12 @@ from pathlib import Path
 
 import torch
 
-from declab.models.draft import DEFAULT_WEIGHTS, SubVocabHead, build_draft_model, load_tensors, read_draft_info
+from declab.core.corpus import default_corpus_documents
+from declab.core.paths import cache_root
+from declab.models.draft import DEFAULT_WEIGHTS, build_draft_model, load_tensors, read_draft_info
+from declab.models.loading import embedded_folder
+from declab.models.registry import load_registry
+from tools.draft_data import build_prompts
 
 BASE_KEY = "smollm2-135m-instruct"
 
@@ -74,8 +82,6 @@ def _threads(n: int | None = None) -> None:
 
 
 def base_folder(key: str = BASE_KEY) -> Path:
-    from declab.models.loading import embedded_folder
-    from declab.models.registry import load_registry
     return embedded_folder(load_registry().get(key))
 
 
@@ -156,7 +162,6 @@ def answer_parts(num_sampled_train: int | None = None) -> list[tuple[str, str, l
     """(split, part, prompts, seed) of every answer set: greedy answers to the held-out prompts and to
     NUM_TRAIN_PROMPTS training prompts (in two parts: the build grew); with num_sampled_train > 0 also sampled
     answers (temperature SAMPLE_TEMPERATURE) to that many training prompts and to the held-out ones."""
-    from tools.draft_data import build_prompts
     first, _ = build_prompts(NUM_TRAIN_PROMPTS[0])
     train, held = build_prompts(NUM_TRAIN_PROMPTS[1])
     seen = set(first)
@@ -249,7 +254,6 @@ def stage_features(work: Path, data: dict, frozen: int = NUM_FROZEN, top_k: int 
 
 # ---------------------------------------------------------------------------------------------- stage 4: train
 def adapter_config(base_config, num_layers: int):
-    import copy
     cfg = copy.deepcopy(base_config)
     cfg.num_hidden_layers = num_layers
     if getattr(cfg, "layer_types", None):
@@ -275,7 +279,8 @@ class Adapter(torch.nn.Module):
         self.source_layers = src
 
     def load_stored(self, path: Path, frozen: int) -> None:
-        """Load the adapter layers and norm of a stored draft (declab/drafts/*.safetensors) with the same E and A."""
+        """Load the adapter layers and norm of a stored draft (declab/models/drafts/*.safetensors) with the same
+        E and A."""
         state = {}
         for k, v in load_tensors(path).items():
             if k.startswith("model.layers."):
@@ -445,7 +450,6 @@ def frequency_vocab(tok, rows: list[dict], size: int = DRAFT_VOCAB, docs: list[s
     (CPython's documentation, on every machine); ties and the rest in BPE merge order (a lower id is an earlier,
     more frequent merge); the tokenizer's special tokens (EOS...) always kept. docs: another corpus instead.
     Sorted ids [size] (int64)."""
-    from strategies.superposed_ngrams import default_corpus_documents
     V = len(tok)
     counts = torch.zeros(V, dtype=torch.float64)                                  # [V]
     for r in rows:
@@ -543,7 +547,6 @@ def cost_ratio(target, draft, new_tokens: int = 32, reps: int = 7) -> dict:
 
 
 def evaluate_draft(weights: Path = DEFAULT_WEIGHTS, work: Path | None = None, timing: bool = True) -> dict:
-    from tools.draft_data import build_prompts
     target, tok = load_base()
     draft, info = build_draft_model(load_base()[0], weights)
     result = {"recipe": {k: v for k, v in info.items() if k != "history"}}
@@ -608,9 +611,10 @@ def set_vocab(weights: Path, out: Path, vocab_ids: torch.Tensor | None) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m declab.draft", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.draft_build", description=__doc__.splitlines()[0])
     ap.add_argument("command", choices=["answers", "features", "build", "vocab", "eval"])
-    ap.add_argument("--work", default=None, help="cache folder for the build stages (default: <declab cache>/draft-build)")
+    ap.add_argument("--work", default=None,
+                    help="cache folder for the build stages (default: <declab cache>/draft-build)")
     ap.add_argument("--out", default=str(DEFAULT_WEIGHTS), help="where build writes the draft weights")
     ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="the draft weights eval reads")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default $DECLAB_DRAFT_THREADS or 1)")
@@ -629,7 +633,6 @@ def main(argv=None) -> int:
     ap.add_argument("--no-timing", action="store_true")
     args = ap.parse_args(argv)
     _threads(args.threads)
-    from declab.models.loading import cache_root
     work = Path(args.work or cache_root() / "draft-build")
     work.mkdir(parents=True, exist_ok=True)
     if args.command == "answers":

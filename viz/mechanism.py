@@ -1,7 +1,7 @@
 """Mechanism views: what a strategy's own state did, one figure per strategy, chosen by the columns present.
 
 MECHANISMS maps a strategy name to (columns the token rows need, builder). A strategy that records those columns
-gets its view whatever its name; add an entry here when a strategy lands (see algorithms.md "Record").
+gets its view whatever its name; add an entry here when a strategy lands (see "Trace and metrics" in docs/strategies.md).
 - mirostat (mu, surprise; optional mu_after, surprise_mean, k; tau from the params): mu before/after each step,
   the observed surprise and its running mean against the target tau, all in bits; k (tokens kept) on the right
   axis.

@@ -1,4 +1,4 @@
-"""Mirostat beside fixed truncation: the boredom and confusion traps (Basu et al. 2021, algorithms.md 2.3).
+"""Mirostat beside fixed truncation: the boredom and confusion traps (Basu et al. 2021, docs/strategies.md#mirostat).
 
 `traps_figure({label: frame}, tau)` takes several runs on the same prompt (mirostat and top-k / top-p sampling,
 say) and draws, per run, along its chosen sequence:

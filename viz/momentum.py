@@ -1,6 +1,6 @@
 """Momentum decoding's mechanism view: the walk on the token graph, and the steps where resistance overrode greedy.
 
-Top panel, an arc diagram of the token graph (algorithms.md §3.1): one node per distinct generated token, placed
+Top panel, an arc diagram of the token graph (docs/strategies.md#momentum): one node per distinct generated token, placed
 left to right in order of first visit; node size = visits in the generation. Each step is an edge from the previous
 token to the chosen one, coloured by the chosen token's repeat length l (`repeat_len`):
 - l = 0, a new node (grey, below the axis);

@@ -19,7 +19,7 @@ from viz.common import (AXIS_TITLES, LN2, PALETTE, chosen_path, cells, esc, has,
 # Params drawn as horizontal lines on the entropy figure, per strategy: name -> legend label. Values in bits.
 THRESHOLDS = {
     "mirostat": {"tau": "τ target surprise"},
-    "ead": {"tau": "τ entropy threshold", "threshold": "entropy threshold"},
+    "ead": {"threshold": "τ entropy threshold"},
 }
 GENERIC_THRESHOLDS = {"entropy_threshold": "entropy threshold"}
 TIME_COLUMNS_EXCLUDED = ("t_ms", "dt_ms")

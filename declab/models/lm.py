@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from declab.core.errors import UserError
 from declab.models.registry import ModelSpec
 
 
@@ -140,7 +141,6 @@ class LM:
         """raw: the text verbatim, no special tokens added. chat: one user turn in the chat template."""
         if prompt_format == "chat":
             if not getattr(self.tokenizer, "chat_template", None):
-                from declab.core.errors import UserError
                 raise UserError(f"model '{self.key}' has no chat template; use --prompt-format raw")
             ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                      tokenize=True, return_dict=False)

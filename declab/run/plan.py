@@ -48,16 +48,16 @@ class RunPlan:
     inputs: RunInputs
     models: dict[str, str]                    # role -> models.yaml key
 
-    @property
-    def extras(self) -> dict:
-        """The inputs besides the parameters, as recorded in the run metadata (`extras`)."""
+    def extras(self, model_keys: dict[str, str]) -> dict:
+        """The inputs besides the parameters, as recorded in the run metadata (`extras`), with `second_model` the
+        key of the second model the run used (model_keys: role -> key)."""
         out: dict = {}
-        if self.inputs.grammar is not None and self.request.grammar is not None:
+        if self.request.grammar is not None:
             out["grammar"] = self.inputs.grammar
         if self.inputs.lame_prompt is not None:
             out["lame_prompt"] = self.inputs.lame_prompt
-        if self.models:
-            out["second_model"] = next(iter(self.models.values()))
+        if model_keys:
+            out["second_model"] = next(iter(model_keys.values()))
         return out
 
 

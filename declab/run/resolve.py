@@ -3,8 +3,9 @@
     models = resolve_models(plan, load=get_lm)       # {"model": LM, "draft": LM, ...}
 
 `load(key)` loads one models.yaml entry (`get_lm`: once per process; the app passes its shared
-`st.cache_resource` loader). Models given already (a test's scripted fake, the app's loaded model) are used as
-they are when their key is the planned one. Every second model must share the run model's tokenizer.
+`st.cache_resource` loader). Models given already (the app's loaded model, a test's scripted fake) are used as
+they are for their role, whatever their key; the run's metadata records the keys of the models it really used.
+Every second model must share the run model's tokenizer.
 """
 
 from __future__ import annotations
@@ -42,9 +43,6 @@ def resolve_models(plan: RunPlan, given: dict | None = None, load: Callable[[str
     out = {}
     for role, key in wanted.items():
         lm = given.get(role)
-        if lm is not None and lm.key != key:
-            what = "run" if role == MAIN else role
-            raise UserError(f"the {what} model '{key}' was asked for, but '{lm.key}' is loaded for it")
         out[role] = lm if lm is not None else load(key)
     for role in plan.models:
         check_same_tokenizer(out[MAIN], out[role])

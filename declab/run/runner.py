@@ -126,11 +126,15 @@ class Run:
             quantization=lm.quantization, dtype=str(lm.dtype).replace("torch.", ""), device=str(lm.device),
             strategy=self.strategy.name, params=dataclasses.asdict(self.cfg), seed=req.seed, prompt=req.prompt,
             prompt_format=self.prompt_format, prompt_ids=self.prompt_ids, max_new_tokens=req.max_new_tokens,
-            models=dict(self.plan.models), extras=self.plan.extras,
+            models=self.model_keys(), extras=self.plan.extras(self.model_keys()),
             started_at=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), wall_s=round(wall_s, 4),
             metrics=metrics, versions=versions(), columns=column_dtypes(frame),
             sequences=[{"text": s.text, "token_ids": s.token_ids, "score": s.score, **s.extra} for s in sequences])
         self.result = RunResult(meta=meta.to_dict(), frame=frame, sequences=sequences, status=status, error=error)
+
+    def model_keys(self) -> dict[str, str]:
+        """role -> key of the second models this run uses."""
+        return {role: m.key for role, m in self.models.items() if role != MAIN}
 
     def run_to_end(self) -> RunResult:
         for _ in self.events():

@@ -58,6 +58,7 @@ import pandas as pd
 
 from declab.core import trace as tr
 from declab.core.errors import UserError
+from declab.core.meta import RunMeta
 from declab.core.metrics import summarize
 from viz.report import CSS, html_report
 
@@ -322,19 +323,15 @@ class Store:
         meta["run_id"] = run_id
         meta["columns"] = tr.column_dtypes(frame)
         blob = trace_blob(frame)                      # built before the transaction: the lock is held briefly
-        metrics = meta.get("metrics") or {}
+        m = RunMeta.from_dict(meta)                   # typed reads; `meta` itself is stored as given
         row = {
-            "run_id": run_id, "started_at": str(meta.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S")),
-            "saved_at": time.time(), "status": str(meta.get("status") or "ok"),
-            "error": None if meta.get("error") is None else str(meta["error"]),
-            "model": str(meta.get("model") or ""), "strategy": str(meta.get("strategy") or ""),
-            "quantization": meta.get("quantization"), "dtype": meta.get("dtype"), "device": meta.get("device"),
-            "seed": _int_or_none(meta.get("seed")), "prompt_format": meta.get("prompt_format"),
-            "prompt": str(meta.get("prompt") or ""), "text": summary_text(meta),
-            "params": _json(meta.get("params") or {}),
-            "new_tokens": _int_or_none(metrics.get("new_tokens") if isinstance(metrics, dict) else None),
-            "wall_s": _float_or_none(meta.get("wall_s")), "n_rows": int(len(frame)), "source": str(source or ""),
-            "meta": _json(meta),
+            "run_id": run_id, "started_at": m.started_at or time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "saved_at": time.time(), "status": m.status or "ok", "error": m.error,
+            "model": "" if m.model == "?" else m.model, "strategy": "" if m.strategy == "?" else m.strategy,
+            "quantization": m.quantization or None, "dtype": m.dtype or None, "device": m.device or None,
+            "seed": m.seed, "prompt_format": m.prompt_format or None, "prompt": m.prompt, "text": summary_text(meta),
+            "params": _json(m.params), "new_tokens": _int_or_none(m.metrics.get("new_tokens")), "wall_s": m.wall_s,
+            "n_rows": int(len(frame)), "source": str(source or ""), "meta": _json(meta),
         }
         for key in ("quantization", "dtype", "device", "prompt_format"):
             row[key] = None if row[key] is None else str(row[key])
@@ -485,25 +482,8 @@ class Store:
         raise UserError(f"export format must be csv, parquet, json or html, got {fmt!r}")
 
     def export_bytes(self, run_ids, fmt: str) -> bytes:
-        """A selection as one download: 'csv' or 'parquet' -> a zip with `<stem>.<fmt>` + `<stem>.meta.json` per
-        run (each importable with `import_run`); 'html' -> one standalone HTML report of every run."""
-        items = [self.get(i) for i in _as_list(run_ids)]
-        if not items:
-            raise UserError("no runs selected")
-        if fmt == "html":
-            return report_html(items).encode("utf-8")
-        if fmt not in ("csv", "parquet"):
-            raise UserError(f"export format must be csv, parquet or html, got {fmt!r}")
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-            for meta, frame in items:
-                stem = f"declab-{meta.get('strategy') or 'run'}-{meta.get('run_id')}"
-                data = io.StringIO() if fmt == "csv" else io.BytesIO()
-                (tr.write_csv if fmt == "csv" else tr.write_parquet)(frame, data)
-                value = data.getvalue()
-                z.writestr(f"{stem}.{fmt}", value.encode("utf-8") if isinstance(value, str) else value)
-                z.writestr(f"{stem}.meta.json", json.dumps(meta, indent=2, ensure_ascii=False, default=str))
-        return buf.getvalue()
+        """A selection as one download (see `bundle_bytes`)."""
+        return bundle_bytes([self.get(i) for i in _as_list(run_ids)], fmt)
 
     def import_run(self, trace_path, meta_path=None, source: str = "import", replace: bool = False) -> str:
         """Import a run exported elsewhere: a CSV or Parquet trace plus its JSON metadata (`meta_path`, else
@@ -546,8 +526,10 @@ def read_export(trace_path, meta_path=None) -> tuple[dict, pd.DataFrame]:
     if meta_path is not None:
         try:
             meta = tr.read_meta(meta_path)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read metadata {meta_path}: {getattr(e, 'strerror', None) or e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{meta_path} is not valid JSON metadata: {e}") from None
+        except OSError as e:
+            raise UserError(f"cannot read metadata {meta_path}: {e.strerror or e}") from None
         if not isinstance(meta, dict):
             raise UserError(f"{meta_path} is not declab run metadata (expected a JSON object)")
     columns = meta.get("columns") if isinstance(meta.get("columns"), dict) else None
@@ -582,6 +564,27 @@ def meta_from_frame(frame: pd.DataFrame) -> dict:
             "note": "imported without metadata: settings unknown, column types inferred"}
 
 
+def bundle_bytes(items: list[tuple[dict, pd.DataFrame]], fmt: str) -> bytes:
+    """(meta, frame) pairs as one download: 'csv' or 'parquet' -> a zip with `<stem>.<fmt>` + `<stem>.meta.json` per
+    run (each importable with `import_run`); 'html' -> one standalone HTML report of every run."""
+    if not items:
+        raise UserError("no runs selected")
+    if fmt == "html":
+        return report_html(items).encode("utf-8")
+    if fmt not in ("csv", "parquet"):
+        raise UserError(f"export format must be csv, parquet or html, got {fmt!r}")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for meta, frame in items:
+            stem = RunMeta.from_dict(meta).stem
+            data = io.StringIO() if fmt == "csv" else io.BytesIO()
+            (tr.write_csv if fmt == "csv" else tr.write_parquet)(frame, data)
+            value = data.getvalue()
+            z.writestr(f"{stem}.{fmt}", value.encode("utf-8") if isinstance(value, str) else value)
+            z.writestr(f"{stem}.meta.json", json.dumps(meta, indent=2, ensure_ascii=False, default=str))
+    return buf.getvalue()
+
+
 def report_html(items: list[tuple[dict, pd.DataFrame]]) -> str:
     """One standalone HTML report: viz.report.html_report for one run; for several, a summary table then each
     run's report (plotly.js embedded once). Every model or user text is escaped by html_report or here."""
@@ -594,11 +597,11 @@ def report_html(items: list[tuple[dict, pd.DataFrame]]) -> str:
         plotlyjs = None
     rows, bodies = [], []
     for i, (meta, frame) in enumerate(items):
-        m = meta.get("metrics") or {}
+        rm = RunMeta.from_dict(meta)
+        m = rm.metrics
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-            i + 1, meta.get("run_id", ""), meta.get("strategy", ""), meta.get("model", ""), meta.get("status", ""),
-            meta.get("started_at", ""), m.get("new_tokens", ""), m.get("mean_entropy_bits", ""),
-            m.get("perplexity", ""), summary_text(meta)[:200])) + "</tr>")
+            i + 1, rm.run_id, rm.strategy, rm.model, rm.status, rm.started_at, m.get("new_tokens", ""),
+            m.get("mean_entropy_bits", ""), m.get("perplexity", ""), summary_text(meta)[:200])) + "</tr>")
         page = html_report(meta, frame)
         body = page.split("<body>", 1)[-1].rsplit("</body>", 1)[0]
         if i > 0 and plotlyjs:

@@ -12,7 +12,7 @@ whose `generation/utils.py` still has `_contrastive_search` / `_ranking_fast` in
 Hub repo carries that same code.
 
 The folder is the safetensors cache declab converts the embedded GGUF to (saved by transformers 5.x). 4.x cannot
-read its `rope_parameters` block and would silently use rope_theta 10000 (algorithms.md), so the model is copied to
+read its `rope_parameters` block and would silently use rope_theta 10000 (docs/strategies.md#contrastive_search), so the model is copied to
 a temporary folder whose config.json carries `rope_theta: 100000` instead. Parity check first: 4.x greedy is stored
 beside the contrastive-search output and tests/test_contrastive_search_golden.py checks that declab's greedy gives
 the same tokens, so a config mismatch would show there, not as a contrastive-search failure.

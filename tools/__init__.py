@@ -1,0 +1,1 @@
+"""Offline build tools (the draft model's training pipeline), not part of the installed engine."""
