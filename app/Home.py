@@ -1,15 +1,15 @@
 """declab: the Streamlit entry point (`streamlit run app/Home.py`, or `make run`).
 
 Multipage navigation: Run (the landing page), Compare, Trace explorer, Teach, Export and Library (every
-stored run, across sessions and restarts). Each page is a thin script
-over app/common.py; decoding lives in declab/ and strategies/, figures in viz/.
+stored run, across sessions and restarts). Each page is a thin script over the app's modules (common, forms, jobs,
+render, exports); decoding lives in declab/ and strategies/, figures in viz/.
 """
 
 import streamlit as st
 
 st.set_page_config(page_title="declab", page_icon=":material/science:", layout="wide")
 
-import common  # noqa: E402  (app/ is on sys.path: Streamlit adds the main script's folder)
+import jobs  # noqa: E402  (app/ is on sys.path: Streamlit adds the main script's folder)
 
 pages = [
     st.Page("views/run.py", title="Run", icon=":material/play_arrow:", url_path="run", default=True),
@@ -22,4 +22,4 @@ pages = [
 page = st.navigation(pages)
 sidebar = st.sidebar.empty()
 page.run()
-common.sidebar_status(sidebar)   # after the page, which may just have collected a run (pages avoid st.stop())
+jobs.sidebar_status(sidebar)   # after the page, which may just have collected a run (pages avoid st.stop())

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.grammar [--samples 300] [--threads 1] [--out bench/results/grammar.json] [--html PATH]
 
-1. KL curves (algorithms.md 7.3, Park et al. 2024). For binary_len_3 ({000, 100, 101, 110, 111}) and the skewed
+1. KL curves (docs/strategies.md#asap, Park et al. 2024). For binary_len_3 ({000, 100, 101, 110, 111}) and the skewed
    binary_len_5 (17 of the 32 length-5 strings) the prompt "Write a binary string of length N." (chat format) is
    decoded by gcd and by asap with `--samples` samples each (seed 0, temperature 1, no top-k / top-p). Both
    languages are small, so the run's exact mode enumerates every grammatical token sequence with the model and

@@ -1,4 +1,4 @@
-"""Mirostat against the boredom and confusion traps, on the embedded model (Basu et al. 2021; algorithms.md 2.3).
+"""Mirostat against the boredom and confusion traps, on the embedded model (Basu et al. 2021; docs/strategies.md#mirostat).
 
 Same prompt and seed for every configuration: mirostat v1 and v2 at tau = 3 and 5 bits, and plain sampling with a
 small and a large top-k and top-p. For each run: the mean observed surprise -log2 p under the FULL model distribution

@@ -9,6 +9,10 @@ Any strategy that keeps an n-best list of finished beams (beam, diverse_beam, ..
 
 `group_beam_search` is the engine of `beam` and `diverse_beam` (HF 4.36-4.56 group beam search; its exactness
 details and trace columns are documented in strategies/diverse_beam.py), with the config helpers they share.
+
+Loop: beam search owns its loop instead of the engine's per-token loop (declab/core/loop.py): every step scores
+B rows at once, chooses B of the B x V extensions across rows and reorders the KV cache to the chosen parents; the
+shared loop follows one row and one token per step.
 """
 
 from __future__ import annotations

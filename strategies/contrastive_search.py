@@ -21,8 +21,12 @@ buffer, so a step costs one [k, H] x [H, t] product for the cosines.
 
 Deviations: none in the rule. transformers applies the model's generation-config logits processors before the
 top-k (e.g. a repetition penalty if the config sets one); this lab uses the raw logits (the embedded model's
-generation config sets none, so the golden test against transformers 4.56.2 compares like with like). Ties
+generation config sets none, so the golden test against transformers 4.55.4 compares like with like). Ties
 break to the first maximum in candidate order (torch.topk order), as transformers does.
+
+Loop: its own, not the engine's per-token loop (declab/core/loop.py): each step's forward is the k-row look-ahead
+of the previous step's candidates, and the chosen row's cache, hidden state and logits are selected from it, so the
+model side of the step is not the shared loop's one-row forward.
 
 Trace: the `candidate` rows are the k look-ahead candidates with `p`, `degeneration_penalty` (max cosine),
 `context_pos` (the position j of that max, prompt positions included), `score` (the contrastive score) and `rank`

@@ -25,6 +25,10 @@ model S -> small ('model' = the second model beside the model: for the embedded 
 `smollm2-135m-draft`; or a models.yaml key); the large model L is the run's model. temperature / top_k / top_p are
 the sampling warpers applied to whichever model is active (temperature 0 = greedy).
 
+Loop: its own, not the engine's per-token loop (declab/core/loop.py): which model produces a step's logits changes
+with the entropy rule, and the model taking over first catches up on the tokens it missed (one forward over several
+tokens); the shared loop drives one model's cache one token at a time.
+
 Trace: one `token` row per token, `model` = the model that produced it, `entropy` = H_t (bits), `rolling_entropy` =
 H̄_t after this token, `dwell` = c including this token, `role` small | large, `catch_up` (tokens the model caught up
 on before this token), `fwd_ms`. A `switch` row at the step where the new model takes over, with `model` = the new

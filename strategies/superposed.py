@@ -37,6 +37,9 @@ Deviations from the reference, and why:
 - Ties in the pair ranking break to the lower (draft, token-rank) index (stable sort), so runs are reproducible.
 - Batch size 1 (one prompt), see docs/strategies.md#superposed; no `still_prompt`/`is_first` masks are needed.
 
+Loop: its own, not the engine's per-token loop (declab/core/loop.py): one step emits a token for each of k drafts
+(k trace rows and a pool of finished drafts) and feeds the model a mixed input embedding instead of a token id.
+
 Trace: per step one `token` row per alive draft (branch_id = draft slot, parent_id = the slot it came from; the
 drafts are the branches of the token tree) with the model's raw logprob and entropy of the superposed position,
 `score` = LP_d after the step, `step_score` = s_d(v), `ln_ptilde`, `ngram_q`, `ngram_orders` (orders whose n-gram

@@ -15,7 +15,7 @@ os.environ.setdefault("DECLAB_PLUGINS", "tests.fake")       # subprocesses (CLI,
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_REGISTRY = ROOT / "tests" / "data" / "models-fake.yaml"
 EMBEDDED = "smollm2-135m-instruct"
-APP_PROMPT = "Explain in two sentences why the sky is blue."      # app/common.py DEFAULT_PROMPT
+APP_PROMPT = "Explain in two sentences why the sky is blue."      # app/forms.py DEFAULT_PROMPT
 
 
 @functools.lru_cache(maxsize=None)

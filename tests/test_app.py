@@ -159,16 +159,21 @@ def test_prompt_with_no_known_tokens_is_refused(app):
 def _patch_greedy(monkeypatch, after_steps: int, action):
     """Make greedy yield `after_steps` steps through the real loop, then call action(ctx)."""
     from declab.core import STRATEGIES
-    from declab.core.loop import token_loop
+    from declab.core.loop import Choice, Selector, token_loop
     greedy = STRATEGIES["greedy"]
 
-    def run(ctx, cfg):
-        def select(logits, step):
+    class Acting(Selector):
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def apply(self, logits, step):
             if step == after_steps:
-                action(ctx)
+                action(self.ctx)
             token = int(logits.argmax())
-            return token, float(logits.log_softmax(-1)[token]), {}
-        return (yield from token_loop(ctx, select))
+            return Choice(token, float(logits.log_softmax(-1)[token]))
+
+    def run(ctx, cfg):
+        return (yield from token_loop(ctx, Acting(ctx)))
     monkeypatch.setattr(greedy, "run", run, raising=False)
 
 
@@ -322,24 +327,33 @@ def test_export_page_lists_every_run_with_downloads(app):
     assert "All runs (CSV + JSON, zip)" in labels
 
 
+def _upload(name: str, data: bytes) -> io.BytesIO:
+    """What Streamlit's file_uploader hands a page: bytes with the file's name."""
+    f = io.BytesIO(data)
+    f.name = name
+    return f
+
+
 def test_export_bytes_round_trip_and_report_is_escaped(fake_registry, fake_lm):
     sys.path.insert(0, str(ROOT / "app"))
     try:
-        import common
+        import exports
+        import render
     finally:
         sys.path.remove(str(ROOT / "app"))
     from declab.core import trace as tr
     meta, frame = _fake_run(fake_lm, max_new_tokens=200)
-    back = pd.read_csv(io.BytesIO(common.csv_bytes(frame)), dtype=str, keep_default_na=False)
+    back = pd.read_csv(io.BytesIO(exports.csv_bytes(frame)), dtype=str, keep_default_na=False)
     assert len(back) == len(frame)
-    read = common.read_uploaded_trace("t.csv", common.csv_bytes(frame), meta)
+    _, read = exports.read_upload(_upload("t.csv", exports.csv_bytes(frame)),
+                                  _upload("t.meta.json", exports.json_bytes(meta)))
     pd.testing.assert_frame_equal(read, frame, check_dtype=False)
-    pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(common.parquet_bytes(frame))), frame)
-    assert json.loads(common.json_bytes(meta))["run_id"] == meta["run_id"]
-    report = common.report_bytes(meta, frame).decode("utf-8")
+    pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(exports.parquet_bytes(frame))), frame)
+    assert json.loads(exports.json_bytes(meta))["run_id"] == meta["run_id"]
+    report = exports.report_bytes(meta, frame).decode("utf-8")
     assert "<script>alert(1)</script>" not in report
-    assert tr.BASE_COLUMNS[0] in common.csv_bytes(frame).decode("utf-8").splitlines()[0]
-    html = common.diff_html([" <script>alert(1)</script>", " the"], [" the"])
+    assert tr.BASE_COLUMNS[0] in exports.csv_bytes(frame).decode("utf-8").splitlines()[0]
+    html = render.diff_html([" <script>alert(1)</script>", " the"], [" the"])
     assert "<script>" not in html and "&lt;script&gt;" in html and "<mark" in html
 
 

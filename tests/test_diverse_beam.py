@@ -1,4 +1,4 @@
-"""beam and diverse_beam on the scripted fake model: properties of algorithms.md 1.6, an unvectorised no-cache
+"""beam and diverse_beam on the scripted fake model: properties of docs/strategies.md#diverse_beam, an unvectorised no-cache
 reference of HF 4.x group beam search, the pitfalls, the trace and the config limits."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def rows(res, kind):
 
 # ------------------------------------------------------------------------------------------------ reference
 def reference(lm, prompt_ids, n, B, G, lam, alpha=1.0, early=False, n_return=None):
-    """HF 4.36-4.56 group beam search written from algorithms.md 1.2 with plain loops and no cache: every beam's
+    """HF 4.36-4.56 group beam search written from docs/strategies.md#diverse_beam with plain loops and no cache: every beam's
     logits come from logits_fn(full context). Returns [(token_ids, float32 score)], best first."""
     S, P, V = B // G, len(prompt_ids), lm.vocab_size
     eos, pad = sorted(lm.eos_ids), min(lm.eos_ids)

@@ -118,7 +118,7 @@ def test_open_a_stored_run_in_the_trace_explorer_without_a_model(fake_registry, 
     def no_model(*a, **k):
         raise AssertionError("the Trace explorer must not load a model")
     import declab.models.loading
-    monkeypatch.setattr(declab.loading, "load_lm", no_model)
+    monkeypatch.setattr(declab.models.loading, "load_lm", no_model)
     at = library(new_session())
     select(at, [result.meta["run_id"]])
     assert any(c.value == result.sequences[0].text for c in at.code)   # the selection's text, as text

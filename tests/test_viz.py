@@ -194,6 +194,7 @@ def test_entropy_figure_surprise_in_bits_thresholds_and_switches():
     assert not viz.entropy_figure(frame, {"strategy": "sample", "params": {"tau": 3.0}}).layout.shapes
     ead = viz.entropy_figure(frame, {"strategy": "ead", "params": {"threshold": 2.5}})
     assert [s.y0 for s in ead.layout.shapes] == [2.5]
+    assert not viz.entropy_figure(frame, {"strategy": "ead", "params": {"tau": 2.0}}).layout.shapes   # not ead's
     assert viz.entropy_figure(to_frame([dict(step=0, kind="token")])) is None
 
 

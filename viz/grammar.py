@@ -1,4 +1,4 @@
-"""Mechanism views of the grammar strategies gcd and asap (strategies/grammar.py; docs/strategies.md#gcd, #asap).
+"""Mechanism views of the grammar strategies gcd and asap (strategies/grammar/; docs/strategies.md#gcd, #asap).
 
 One figure per run, four panels (each drawn only when its rows are there):
 - KL(empirical || target) against the number of samples (`kl` rows): the cumulative curve and the paper's

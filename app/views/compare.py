@@ -4,15 +4,18 @@ import pandas as pd
 import streamlit as st
 
 import common
-from declab.run import RunRequest
+import forms
+import jobs
+import render
+import viz
 
 st.title("Compare strategies")
 st.caption("Same model, prompt and seed for every configuration; texts side by side with their differences marked, "
            "metrics in one table, and per-token entropy, log-probability and latency on shared axes.")
 
 registry = common.get_registry()
-spec = common.model_select(registry, key="cmp:model")
-prompt, fmt, max_new, seed = common.prompt_inputs(spec, prefix="cmp")
+spec = forms.model_select(registry, key="cmp:model")
+setup = forms.prompt_inputs(spec, prefix="cmp")
 n = st.radio("Configurations", [2, 3, 4], horizontal=True, key="cmp:n")
 
 defaults = ["greedy", "sample", "greedy", "sample"]
@@ -21,18 +24,16 @@ cols = st.columns(n)
 for i, col in enumerate(cols):
     with col, st.container(border=True):
         st.markdown(f"**Configuration {i + 1}**")
-        strategy = common.strategy_select(key=f"cmp:{i}:strategy", default=defaults[i])
-        params = common.param_form(strategy, prefix=f"cmp:{i}", columns=1)
-        extras = common.extras_form(strategy, spec, registry, prefix=f"cmp:{i}")
-        configs.append((f"config {i + 1}: {strategy.name}",
-                        RunRequest(model=spec.key, strategy=strategy.name, prompt=prompt, params=params,
-                                   prompt_format=fmt, max_new_tokens=max_new, seed=seed, extras=extras)))
+        strategy = forms.strategy_select(key=f"cmp:{i}:strategy", default=defaults[i])
+        params = forms.param_form(strategy, prefix=f"cmp:{i}", columns=1)
+        inputs = forms.inputs_form(strategy, params, spec, prefix=f"cmp:{i}")
+        configs.append((f"config {i + 1}: {strategy.name}", forms.request(spec, strategy, setup, params, inputs)))
 
 if st.button("Run comparison", type="primary", key="cmp:go", icon=":material/play_arrow:"):
-    common.start_batch("compare", spec.key, configs)
+    jobs.start_batch("compare", spec.key, configs)
 
-common.run_section("compare")
-common.show_notices("compare")
+jobs.run_section("compare")
+jobs.show_notices("compare")
 
 records = [r for r in (common.find_run(i) for i in common.last().get("compare", [])) if r is not None]
 
@@ -41,7 +42,6 @@ records = [r for r in (common.find_run(i) for i in common.last().get("compare", 
 def per_token(frames: dict) -> None:
     """Entropy / log-probability / latency per token of every configuration on shared axes (a toggle re-runs only
     this fragment)."""
-    import viz
     column = st.segmented_control("Measure", ["entropy", "logprob", "dt_ms"], default="entropy", key="cmp:column",
                                   format_func={"entropy": "entropy (bits)", "logprob": "log-probability (ln)",
                                                "dt_ms": "latency (ms)"}.get)
@@ -55,38 +55,39 @@ def results(records: list) -> None:
     st.divider()
     st.subheader("Texts")
     st.caption("Marked: tokens that differ from configuration 1 (for configuration 1: from configuration 2).")
-    tokens = [common.token_texts(r) for r in records]
+    tokens = [render.token_texts(r) for r in records]
     cols = st.columns(len(records))
     for i, (col, rec) in enumerate(zip(cols, records)):
         with col:
-            st.markdown(f"**{i + 1}. {rec.meta.get('strategy')}**")
-            st.caption(" ".join(f"{k}={v}" for k, v in (rec.meta.get("params") or {}).items()) or "no parameters")
+            st.markdown(f"**{i + 1}. {rec.info.strategy}**")
+            st.caption(render.params_text(rec.info) or "no parameters")
             if rec.status != "ok":
                 st.warning(f"status: {rec.status}" + (f" ({rec.error})" if rec.error else ""))
             against = tokens[1] if i == 0 and len(tokens) > 1 else tokens[0]
-            common.html_block(common.diff_html(tokens[i], against))
+            render.html_block(render.diff_html(tokens[i], against))
 
     st.subheader("Metrics")
     rows = []
     for i, rec in enumerate(records):
-        m = rec.meta.get("metrics") or {}
-        rows.append({"configuration": f"{i + 1}. {rec.meta.get('strategy')}", "status": rec.status,
-                     "params": ", ".join(f"{k}={v}" for k, v in (rec.meta.get("params") or {}).items()),
+        info = rec.info
+        m = info.metrics
+        rows.append({"configuration": f"{i + 1}. {info.strategy}", "status": rec.status,
+                     "params": render.params_text(info),
                      "new tokens": m.get("new_tokens"), "tokens/s": m.get("tokens_per_s"),
                      "mean entropy (bits)": m.get("mean_entropy_bits"), "mean logprob": m.get("mean_logprob"),
                      "perplexity": m.get("perplexity"), "median step ms": m.get("median_step_ms"),
-                     "wall s": rec.meta.get("wall_s"),
-                     "same text as 1 (%)": round(100 * common.similarity(tokens[0], tokens[i]), 1)})
+                     "wall s": info.wall_s,
+                     "same text as 1 (%)": round(100 * render.similarity(tokens[0], tokens[i]), 1)})
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
     st.subheader("Per token")
-    per_token({f"{i + 1}. {r.meta.get('strategy')}": r.frame for i, r in enumerate(records)})
+    per_token({f"{i + 1}. {r.info.strategy}": r.frame for i, r in enumerate(records)})
 
     st.subheader("Runs")
-    tabs = st.tabs([f"{i + 1}. {r.meta.get('strategy')}" for i, r in enumerate(records)])
+    tabs = st.tabs([f"{i + 1}. {r.info.strategy}" for i, r in enumerate(records)])
     for tab, rec in zip(tabs, records):
         with tab:
-            common.show_run(rec, key=f"cmp:{rec.run_id}")
+            render.show_run(rec, key=f"cmp:{rec.run_id}")
 
 
 if records:

@@ -1,11 +1,13 @@
 """Library: every stored run (this app's sessions and the CLI, across restarts) from the run store
-(declab/store.py): filter and search, open one in the Trace explorer (no model needed), send two to four to Compare,
+(declab/run/store.py): filter and search, open one in the Trace explorer (no model needed), send two to four to Compare,
 tag, delete, and export a selection as CSV / Parquet (zip) or one HTML report."""
 
+import pandas as pd
 import streamlit as st
 
 import common
-from declab.core.errors import UserError
+import exports
+from declab.core import UserError
 from declab.run.store import open_store
 
 MAX_LISTED = 500                      # newest matching runs shown (filters narrow the rest down)
@@ -80,7 +82,6 @@ def filters(store) -> dict:
 
 
 def listing(rows: list[dict]) -> None:
-    import pandas as pd
     table = pd.DataFrame([{
         "run id": r["run_id"], "started": r["started_at"], "status": r["status"], "strategy": r["strategy"],
         "model": r["model"], "tokens": r["new_tokens"], "tags": ", ".join(r["tags"]), "source": r["source"],
@@ -144,9 +145,7 @@ def import_section(store) -> None:
                                           "settings are unknown and column types are inferred.")
         if st.button("Import", key="lib:imp:go", disabled=trace_file is None, icon=":material/upload:"):
             try:
-                meta, frame = common.read_upload(trace_file, meta_file)
-                from declab.run.store import meta_from_frame
-                run_id = store.save((meta or meta_from_frame(frame), frame), source="import")
+                run_id = store.save(exports.read_upload(trace_file, meta_file), source="import")
             except UserError as e:
                 st.error(str(e))
             except Exception as e:  # a malformed file: a message, never a traceback

@@ -7,9 +7,10 @@ import pandas as pd
 import streamlit as st
 
 import common
-from declab.run import RunRequest
+import forms
+import jobs
+import render
 from declab.core.trace import BASE_COLUMNS
-from declab.core import STRATEGIES
 
 st.title("Teach: one decoding step at a time")
 st.caption("At every step the model scores every token in its vocabulary; a decoding strategy turns those scores "
@@ -19,18 +20,16 @@ registry = common.get_registry()
 with st.expander("Make a new example run", expanded=not common.runs()):
     c1, c2 = st.columns(2)
     with c1:
-        spec = common.model_select(registry, key="teach:model")
+        spec = forms.model_select(registry, key="teach:model")
     with c2:
-        strategy = common.strategy_select(key="teach:strategy")
-    prompt, fmt, max_new, seed = common.prompt_inputs(spec, prefix="teach", max_new_tokens=12)
-    params = common.param_form(strategy, prefix="teach")
-    extras = common.extras_form(strategy, spec, registry, prefix="teach")
+        strategy = forms.strategy_select(key="teach:strategy")
+    setup = forms.prompt_inputs(spec, prefix="teach", max_new_tokens=12)
+    params = forms.param_form(strategy, prefix="teach")
+    inputs = forms.inputs_form(strategy, params, spec, prefix="teach")
     if st.button("Run example", type="primary", key="teach:go", icon=":material/play_arrow:"):
-        common.start_batch("teach", spec.key, [(strategy.name, RunRequest(
-            model=spec.key, strategy=strategy.name, prompt=prompt, params=params, prompt_format=fmt,
-            max_new_tokens=max_new, seed=seed, extras=extras))])
-    common.run_section("teach")
-    common.show_notices("teach")
+        jobs.start_batch("teach", spec.key, [(strategy.name, forms.request(spec, strategy, setup, params, inputs))])
+    jobs.run_section("teach")
+    jobs.show_notices("teach")
 
 rec = common.run_picker("Run to step through", key="teach:view",
                         prefer=common.last().get("teach") or (common.runs()[-1].run_id if common.runs() else None))
@@ -54,7 +53,7 @@ def chips_until(tok: pd.DataFrame, step: int) -> str:
     for s, text in zip(tok["step"], tok["token_text"]):
         if s > step:
             break
-        piece = common.esc("" if pd.isna(text) else text)
+        piece = render.esc("" if pd.isna(text) else text)
         parts.append(piece if s < step else
                      f'<mark style="background: #ffd24d; outline: 2px solid #d62728; border-radius: 3px">'
                      f'{piece or "∅"}</mark>')
@@ -87,7 +86,7 @@ def why(row, cands: pd.DataFrame, strategy) -> str:
 @st.fragment
 def stepper(rec) -> None:
     frame = rec.frame
-    strategy = STRATEGIES.get(str(rec.meta.get("strategy")))
+    strategy = forms.all_strategies().get(rec.info.strategy)
     tok = frame[frame["kind"] == "token"]
     branches = sorted(int(b) for b in tok["branch_id"].dropna().unique())
     branch = None
@@ -120,7 +119,7 @@ def stepper(rec) -> None:
     row = tok[tok["step"] == step].iloc[0]
 
     st.caption(f"Text so far, step {step} marked")
-    common.html_block(chips_until(tok, step))
+    render.html_block(chips_until(tok, step))
 
     cands = frame[(frame["kind"] == "candidate") & (frame["step"] == step)]
     if branch is not None:
@@ -132,21 +131,21 @@ def stepper(rec) -> None:
         st.markdown("**Candidates at this step**")
         table = pd.DataFrame({
             "rank": (cands["rank"].astype("Int64") + 1) if "rank" in cands else range(1, len(cands) + 1),
-            "token": cands["token_text"].map(common.visible),
+            "token": cands["token_text"].map(render.visible),
             "probability": cands["logprob"].map(math.exp),
             "logprob (ln)": cands["logprob"],
             "chosen": cands["accepted"].fillna(False).astype(bool),
         })
         if not table["chosen"].any():
             table = pd.concat([table, pd.DataFrame([{
-                "rank": pd.NA, "token": common.visible(row["token_text"]), "probability": math.exp(row["logprob"]),
+                "rank": pd.NA, "token": render.visible(row["token_text"]), "probability": math.exp(row["logprob"]),
                 "logprob (ln)": row["logprob"], "chosen": True}])], ignore_index=True)
         st.dataframe(table, hide_index=True, width="stretch", column_config={
             "probability": st.column_config.ProgressColumn("probability", min_value=0.0, max_value=1.0,
                                                            format="%.3f")})
     with right:
         st.markdown("**Chosen token**")
-        st.code(common.visible(row["token_text"]), language=None)
+        st.code(render.visible(row["token_text"]), language=None)
         st.markdown("**Why**")
         st.write(why(row, cands, strategy))
         extra = {c: row[c] for c in frame.columns if c not in BASE_COLUMNS and pd.notna(row.get(c))}
@@ -159,5 +158,5 @@ def stepper(rec) -> None:
 if rec is None:
     st.info("No runs in this session yet: make an example run above (or on the Run page).")
 else:
-    card(STRATEGIES.get(str(rec.meta.get("strategy"))))
+    card(forms.all_strategies().get(rec.info.strategy))
     stepper(rec)

@@ -4,10 +4,12 @@ without loading a model."""
 import streamlit as st
 
 import common
-from declab.core.errors import UserError
+import exports
+import render
+from declab.core import UserError
 
 st.title("Trace explorer")
-st.caption("Open a run exported from declab (Run or Export page, or `declab run --csv/--parquet/--json`). "
+st.caption("Open a run exported from declab (Run or Export page, the Library, or `declab run --csv/--parquet/--json`). "
            "No model is loaded: everything is drawn from the trace.")
 
 
@@ -16,13 +18,14 @@ def from_upload():
     c1, c2 = st.columns(2)
     trace_file = c1.file_uploader("Trace (CSV or Parquet)", type=["csv", "parquet"], key="tx:trace")
     meta_file = c2.file_uploader("Metadata (JSON)", type=["json"], key="tx:meta",
-                                 help="Gives the run's settings and the column types a CSV needs to be read back "
-                                      "exactly. Without it the types are inferred.")
+                                 help="The .meta.json (or .json) exported with the trace: the run's settings and the "
+                                      "column types a CSV needs to be read back exactly. Without it the types are "
+                                      "inferred.")
     if trace_file is None:
         st.info("Upload a trace file (and its JSON metadata) to explore it.")
         return None
     try:
-        meta, frame = common.read_upload(trace_file, meta_file)
+        meta, frame = exports.read_upload(trace_file, meta_file)
     except UserError as e:
         st.error(str(e))
         return None
@@ -31,12 +34,11 @@ def from_upload():
         return None
     if meta_file is None:
         st.warning("No metadata file: column types were inferred and the run's settings are unknown.")
-    meta = common.meta_for(frame, meta)
     rec = common.RunRecord(meta=meta, frame=frame, label=f"uploaded {trace_file.name}")
     if common.find_run(rec.run_id) is None:
         if st.button("Add to this session's runs", key="tx:add",
                      help="So it can be stepped through in Teach and downloaded from Export."):
-            common.add_run(meta, frame, origin=" (uploaded)")
+            common.add_run(meta, frame, origin=" (uploaded)", info=rec.info)
             st.success("Added to this session's runs.")
     return rec
 
@@ -51,7 +53,7 @@ else:
 
 if rec is not None:
     st.subheader("Run")     # strategy, model and params are shown by show_run as plain text (uploads are untrusted)
-    if rec.meta.get("prompt") is not None:
+    if rec.info.prompt:
         st.caption("Prompt")
-        st.code(str(rec.meta.get("prompt")) or " ", language=None, wrap_lines=True)
-    common.show_run(rec, key=f"tx:{rec.run_id}", export=False)
+        st.code(rec.info.prompt, language=None, wrap_lines=True)
+    render.show_run(rec, key=f"tx:{rec.run_id}", export=False)

@@ -12,6 +12,7 @@ touches the thread, so only `stop()` ends a run.
 
 from __future__ import annotations
 
+import signal
 import threading
 from dataclasses import dataclass, field
 
@@ -44,6 +45,8 @@ class RunService:
         return self
 
     def _work(self) -> None:
+        if hasattr(signal, "pthread_sigmask"):      # Ctrl-C goes to the main thread, which stops the runs at once
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             for i, job in enumerate(self.jobs):
                 self.current = i
