@@ -5,7 +5,7 @@ below. Each module imports only the engine's contract, declab.core."""
 from strategies import greedy, sample, mirostat  # noqa: F401
 from strategies import momentum, contrastive_search  # noqa: F401
 from strategies import beam, diverse_beam  # noqa: F401
-from strategies import ead, speculative  # noqa: F401
+from strategies import ead, speculative, spec_tree  # noqa: F401
 from strategies import gcd, asap  # noqa: F401
 from strategies import superposed  # noqa: F401
 from strategies import contrastive, uscd  # noqa: F401

@@ -217,6 +217,70 @@ class FakeLM:
         return StepOut(logits=logits if all_logits else logits[:, -1, :], cache=cache, hidden=h,
                        fwd_ms=self.clock_ms() - t0)
 
+    # -- token trees, same semantics as LM.tree_step / tree_step_paths / keep_path
+    def tree_step(self, tree, cache: FakeCache, hidden: bool = False) -> StepOut:
+        """One "forward" over the N tree nodes after the cache: row u's logits = logits_fn(context + the tokens of
+        path_to(u)); the cache grows by the N node ids (node u at position P + u). Logits [N, V], hidden [N, H]."""
+        t0 = self.clock_ms()
+        if cache.ids.shape[0] != 1:
+            raise ValueError(f"tree_step works on a one-row cache, got {cache.ids.shape[0]} rows")
+        self.forwards += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        context = self._context(cache)
+        logits = torch.stack([self.logits_fn(context + [tree.tokens[v] for v in tree.path_to(u)]).float()
+                              for u in range(len(tree))])                       # [N, V]
+        ids = torch.as_tensor(tree.tokens, dtype=torch.long)[None, :]            # [1, N]
+        self._append(cache, ids)
+        h = self.embed[ids[0]] if hidden else None                               # [N, H]
+        return StepOut(logits=logits, cache=cache, hidden=h, fwd_ms=self.clock_ms() - t0)
+
+    def tree_step_paths(self, tree, cache: FakeCache) -> StepOut:
+        """A.3 on a copy of the cache (left as it was): one row per root-to-leaf path, right-padded with the root
+        token, through the plain forward; node u's row is read at column depth[u] of a leaf row through u."""
+        if cache.ids.shape[0] != 1:
+            raise ValueError(f"tree_step_paths works on a one-row cache, got {cache.ids.shape[0]} rows")
+        paths = [tree.path_to(leaf) for leaf in tree.leaves()]
+        width = max(len(p) for p in paths)
+        rows = torch.as_tensor([[tree.tokens[u] for u in p] + [tree.tokens[0]] * (width - len(p)) for p in paths],
+                               dtype=torch.long)                                 # [L, D]
+        n = len(paths)
+        work = FakeCache(cache.ids.repeat_interleave(n, dim=0))                   # [L, P]
+        mask = None if cache.mask is None else torch.cat(
+            [cache.mask.bool().repeat_interleave(n, dim=0), torch.ones_like(rows, dtype=torch.bool)], dim=1)  # [L, P+D]
+        out = self._forward(work, rows, False, True, mask)                       # logits [L, D, V]
+        where = {}
+        for row, p in enumerate(paths):
+            for u in p:
+                where.setdefault(u, (row, tree.depth[u]))
+        logits = torch.stack([out.logits[where[u][0], where[u][1]] for u in range(len(tree))])   # [N, V]
+        return StepOut(logits=logits, cache=cache, hidden=None, fwd_ms=out.fwd_ms)
+
+    def keep_path(self, cache: FakeCache, prefix_len: int, path) -> FakeCache:
+        """Keep the prefix ids [0 .. P-1] and the ids at P + i for i in `path` (root-to-node, increasing)."""
+        path = [int(i) for i in path]
+        if not path or path[0] != 0 or any(b <= a for a, b in zip(path, path[1:])):
+            raise ValueError(f"path must start at the root 0 and increase, got {path}")
+        if prefix_len + path[-1] >= cache.get_seq_length():
+            raise ValueError(f"path {path} runs past the cache ({cache.get_seq_length()} positions)")
+        keep = torch.cat([torch.arange(prefix_len), prefix_len + torch.as_tensor(path)])   # [P + len(path)]
+        cache.ids = cache.ids[:, keep]
+        if cache.mask is not None:
+            cache.mask = cache.mask[:, keep]
+        return cache
+
+    @staticmethod
+    def _context(cache: FakeCache) -> list[int]:
+        """Row 0's context ids (padding dropped)."""
+        ids = cache.ids[0]
+        return (ids[cache.mask[0].bool()] if cache.mask is not None else ids).tolist()
+
+    @staticmethod
+    def _append(cache: FakeCache, ids: torch.Tensor) -> None:
+        cache.ids = torch.cat([cache.ids, ids], dim=1)                             # [1, L+N]
+        if cache.mask is not None:
+            cache.mask = torch.cat([cache.mask, torch.ones_like(ids, dtype=cache.mask.dtype)], dim=1)
+
     @property
     def embedding_matrix(self) -> torch.Tensor:
         """The input embedding table [V, V] of the inputs_embeds path (see `input_embed`)."""

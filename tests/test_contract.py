@@ -23,9 +23,9 @@ from tests.fake import FakeLM
 # ------------------------------------------------------------------------------------------------ needs and plans
 def test_every_strategy_declares_its_inputs_and_needs_a_config_can_ask_for(fake_registry):
     strategies = load_strategies()
-    assert len(strategies) == 14
+    assert len(strategies) == 15
     roles = {name: s.roles for name, s in strategies.items() if s.roles}
-    assert roles == {"speculative": ("draft",), "ead": ("small",), "contrastive": ("amateur",)}
+    assert roles == {"speculative": ("draft",), "spec_tree": ("draft",), "ead": ("small",), "contrastive": ("amateur",)}
     assert {n for n, s in strategies.items() if s.takes_grammar} == {"gcd", "asap"}
     assert {n for n, s in strategies.items() if s.takes_lame_prompt} == {"uscd"}
     spec = get_strategy("speculative")

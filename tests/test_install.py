@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"smollm2-135m-instruct", "smollm2-135m-draft"}
-NUM_STRATEGIES = 14
+NUM_STRATEGIES = 15
 IGNORED = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", "*.egg-info", "build", "dist",
                                  ".pytest_cache", "node_modules", "results")
 

@@ -187,3 +187,35 @@ class SuperposedMetrics(StrategyMetrics):
     ngram_corpus: str | None = None
     ngram_tokens: int | None = None
     ngram_cached: bool | None = None
+
+
+@dataclass
+class TreeMetrics(StrategyMetrics):
+    """Draft-tree metrics (spec_tree).
+
+    drafter: the drafter's name. rounds: draft-verify rounds. target_forwards: target forwards of the decoding
+    (prefill excluded; one per round). tree_nodes_mean: drafted nodes per round (root excluded). drafted: drafted
+    nodes in all. accepted: drafted tokens emitted. acceptance_rate = accepted / drafted. mean_accepted_length =
+    emitted tokens per target forward (the bonus or resampled token included). acceptance_by_depth: depth d (as
+    text) -> rounds whose accepted path reached depth d / rounds whose path reached depth d-1 and that drafted a
+    node at depth d. node_efficiency = (mean_accepted_length - 1) / tree_nodes_mean: accepted tokens per drafted
+    node. expected_accepted_length: 1 + the mean over rounds of the sum over drafted nodes of exp(cum ln q), the
+    length the drafter's own probabilities predict (model drafter only; model-free drafts have no probabilities).
+    spec_ms / target_only_ms / speedup: as SpeculativeMetrics, measured in the same run. table_coverage: rows of a
+    table-based drafter's table ever filled (token_recycling)."""
+
+    drafter: str | None = None
+    rounds: int | None = None
+    target_forwards: int | None = None
+    tree_nodes_mean: float | None = None
+    drafted: int | None = None
+    accepted: int | None = None
+    acceptance_rate: float | None = None
+    mean_accepted_length: float | None = None
+    acceptance_by_depth: dict | None = None
+    node_efficiency: float | None = None
+    expected_accepted_length: float | None = None
+    spec_ms: float | None = None
+    target_only_ms: float | None = None
+    speedup: float | None = None
+    table_coverage: int | None = None

@@ -10,21 +10,26 @@ Shapes: B = rows (beams, drafts, candidates), T = new positions in this call, V 
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from declab.core.errors import UserError
+from declab.core.tree import DraftTree
 from declab.models.registry import ModelSpec
 
 
 @dataclass
 class StepOut:
     logits: torch.Tensor            # [B, V] float32 at the last position, or [B, T, V] with all_logits=True
+                                    # (tree_step / tree_step_paths: [N, V], one row per tree node)
     cache: DynamicCache             # the cache after this call (same object, grown by T)
     hidden: torch.Tensor | None     # [B, T, H] last-layer states (after the final norm), when hidden=True
+                                    # (tree_step: [N, H])
     fwd_ms: float                   # wall time of the forward, CUDA synchronised
 
 
@@ -100,6 +105,72 @@ class LM:
         return self._forward(cache, input_ids=self.as_ids(ids), hidden=hidden, all_logits=all_logits,
                              attention_mask=attention_mask, position_ids=position_ids)
 
+    # ------------------------------------------------------------------------------------ token trees
+    def tree_inputs(self, tree: DraftTree, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The inputs of one tree forward after a cache of `prefix_len` positions: ids [1, N], a float additive
+        attention mask [1, 1, N, P+N] (0 = may attend, the dtype's min elsewhere: every prefix column, and inside
+        the tree block each node's ancestors and itself) and position_ids [1, N] = P + depth (never P + node id)."""
+        dtype = self.embedding_matrix.dtype                           # the hidden states' (= queries') dtype
+        n, p = len(tree), int(prefix_len)
+        allowed = torch.cat([torch.ones(n, p, dtype=torch.bool), tree.ancestor_matrix()], dim=1)   # [N, P+N]
+        mask = torch.zeros(n, p + n, dtype=dtype)                     # [N, P+N]
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        ids = self.as_ids(tree.tokens)                                # [1, N]
+        pos = (p + torch.as_tensor(tree.depth, dtype=torch.long, device=self.device))[None, :]   # [1, N]
+        return ids, mask[None, None].to(self.device), pos             # [1, N], [1, 1, N, P+N], [1, N]
+
+    def check_tree_support(self, cache) -> None:
+        """Refuse tree forwards the 4-D mask would not drive exactly: attention kernels other than eager / sdpa
+        (flash-attention ignores a custom mask, flex wants a BlockMask), caches other than a one-row DynamicCache
+        of plain full-attention layers (a StaticCache sizes the mask to max_cache_len and cannot be compacted by
+        index; sliding-window and quantized layers rewrite their keys)."""
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if impl not in ("eager", "sdpa"):
+            raise UserError(f"tree verification needs attn_implementation eager or sdpa; model '{self.key}' uses "
+                            f"{impl!r}")
+        if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
+            raise UserError(f"tree verification needs a DynamicCache of full-attention layers, got "
+                            f"{type(cache).__name__} ({', '.join(kinds)}); models.yaml `cache: static` is for the "
+                            f"plain per-token loop only")
+        rows = {int(layer.keys.shape[0]) for layer in cache.layers if layer.is_initialized and layer.keys.numel()}
+        if rows - {1}:
+            raise UserError(f"tree verification works on a one-row cache, got {sorted(rows)} rows")
+
+    def tree_step(self, tree: DraftTree, cache: DynamicCache, hidden: bool = False) -> StepOut:
+        """One forward over all N tree nodes appended after `cache` (length P), each attending to the whole
+        prefix and to its own ancestors only (A.2). Returns logits [N, V] float32 (row u predicts the token after
+        node u), the same cache grown by N (node u at position P + u; compact it with keep_path), hidden [N, H]
+        when asked, and fwd_ms."""
+        self.check_tree_support(cache)
+        ids, mask, pos = self.tree_inputs(tree, cache.get_seq_length())   # [1, N], [1, 1, N, P+N], [1, N]
+        out = self._forward(cache, input_ids=ids, hidden=hidden, all_logits=True, attention_mask=mask,
+                            position_ids=pos)
+        out.logits = out.logits[0]                                    # [N, V]
+        out.hidden = out.hidden[0] if hidden else None                # [N, H]
+        return out
+
+    def tree_step_paths(self, tree: DraftTree, cache: DynamicCache) -> StepOut:
+        """The exact fallback of A.3, as a reference: one cache row per root-to-leaf path (on a deep copy of
+        `cache`, which is left as it was), each row its path's tokens right-padded to the longest path (padding
+        sits after the real tokens, so the plain causal mask never lets a real token see it), positions P, P+1, ...
+        Returns the same logits [N, V] as tree_step (node u read from a leaf row through u, at column depth[u]),
+        `cache` itself (unchanged), and fwd_ms of the batched forward."""
+        self.check_tree_support(cache)
+        leaves = tree.leaves()
+        paths = [tree.path_to(leaf) for leaf in leaves]
+        width = max(len(p) for p in paths)
+        rows = [[tree.tokens[u] for u in p] + [tree.tokens[0]] * (width - len(p)) for p in paths]   # [L][D]
+        work = self.fork(copy.deepcopy(cache), len(paths))            # L rows of the prefix
+        out = self._forward(work, input_ids=self.as_ids(rows), all_logits=True)   # logits [L, D, V]
+        where = {}                                                    # node -> (row, column)
+        for row, p in enumerate(paths):
+            for u in p:
+                where.setdefault(u, (row, tree.depth[u]))
+        r = torch.as_tensor([where[u][0] for u in range(len(tree))], device=out.logits.device)   # [N]
+        c = torch.as_tensor([where[u][1] for u in range(len(tree))], device=out.logits.device)   # [N]
+        return StepOut(logits=out.logits[r, c], cache=cache, hidden=None, fwd_ms=out.fwd_ms)  # logits [N, V]
+
     @property
     def embedding_matrix(self) -> torch.Tensor:
         return self.model.get_input_embeddings().weight               # [V_in, H]
@@ -123,6 +194,26 @@ class LM:
         remove = cache.get_seq_length() - length
         if remove > 0:
             cache.crop(-remove)
+        return cache
+
+    def keep_path(self, cache: DynamicCache, prefix_len: int, path) -> DynamicCache:
+        """After a tree_step over a cache of prefix_len = P positions: keep [0 .. P-1] and P + i for each node i
+        of `path` (root-to-node ids, increasing, root 0 included), in every layer, in place (A.5). A chain
+        (path == [0 .. k]) is a crop. The cache ends at P + len(path)."""
+        path = [int(i) for i in path]
+        p = int(prefix_len)
+        if not path or path[0] != 0 or any(b <= a for a, b in zip(path, path[1:])):
+            raise ValueError(f"path must start at the root 0 and increase, got {path}")
+        if p + path[-1] >= cache.get_seq_length():
+            raise ValueError(f"path {path} runs past the cache ({cache.get_seq_length()} positions, prefix {p})")
+        if path == list(range(len(path))):
+            return self.crop(cache, p + len(path))
+        self.check_tree_support(cache)
+        keep = torch.cat([torch.arange(p), p + torch.as_tensor(path)]).to(self.device)   # [P + len(path)]
+        for layer in cache.layers:
+            if layer.is_initialized and layer.keys.numel():
+                layer.keys = layer.keys.index_select(-2, keep.to(layer.keys.device))      # [B, heads, P+k, D]
+                layer.values = layer.values.index_select(-2, keep.to(layer.values.device))  # [B, heads, P+k, D]
         return cache
 
     # -------------------------------------------------------------------------------------------- text
