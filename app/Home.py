@@ -1,8 +1,8 @@
 """declab: the Streamlit entry point (`streamlit run app/Home.py`, or `make run`).
 
-Multipage navigation: Run (the landing page), Compare, Trace explorer, Teach, Export and Library (every
-stored run, across sessions and restarts). Each page is a thin script over the app's modules (common, forms, jobs,
-render, exports); decoding lives in declab/ and strategies/, figures in viz/.
+Multipage navigation: Run (the landing page), Compare, Drafter observatory, Trace explorer, Teach, Export and
+Library (every stored run, across sessions and restarts). Each page is a thin script over the app's modules (common,
+forms, jobs, render, exports); decoding lives in declab/ and strategies/, figures in viz/.
 """
 
 import streamlit as st
@@ -14,6 +14,7 @@ import jobs  # noqa: E402  (app/ is on sys.path: Streamlit adds the main script'
 pages = [
     st.Page("views/run.py", title="Run", icon=":material/play_arrow:", url_path="run", default=True),
     st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("views/drafters.py", title="Drafter observatory", icon=":material/account_tree:", url_path="drafters"),
     st.Page("views/trace_explorer.py", title="Trace explorer", icon=":material/query_stats:", url_path="explorer"),
     st.Page("views/teach.py", title="Teach", icon=":material/school:", url_path="teach"),
     st.Page("views/export.py", title="Export", icon=":material/download:", url_path="export"),

@@ -87,7 +87,7 @@ def collect() -> list[common.RunRecord]:
         result = job.run.result
         if result is None:
             continue
-        origin = f" ({job.label})" if service.kind == "compare" else ""
+        origin = f" ({job.label})" if service.kind in ("compare", "drafters") else ""
         rec = common.add_run(result.meta, result.frame, origin, info=result.run_meta)
         if i in service.unsaved:
             notices.append(("warning", f"{rec.label} is not in the run library: {service.unsaved[i]}"))

@@ -7,13 +7,14 @@ time per token relative to our greedy and to `generate` greedy measured in the s
 during the run and its rise above the level before it (host RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA), and
 the strategy's headline figure from its issue computed from the same runs (mirostat's mean surprise against tau,
 repetition of momentum / contrastive search against greedy, superposed's k drafts against one greedy run and three
-nucleus runs, grammar mask time per token, speculative speedup and acceptance, ead's large-model share...). Then the
+nucleus runs, grammar mask time per token, speculative speedup and acceptance, spec_tree's tokens per round and
+speed against the greedy row for each drafter at a small tree, ead's large-model share...). Then the
 model load time, cold (GGUF de-quantised and converted into a fresh cache) and warm, each in its own process.
 
     .venv/bin/python -m bench.run [--tokens 64] [--reps 3] [--only greedy,sample] [--no-cold]
 
 Prints the table and writes it as JSON to bench/results/bench.json. Rows that need the embedded draft (ead,
-speculative, contrastive) are left out with a note while it is not in models.yaml.
+speculative, contrastive, spec_tree with the model drafter) are left out with a note while it is not in models.yaml.
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ BENCH = [
     Row("contrastive", "contrastive", {}),
     Row("ead", "ead", {}),
     Row("speculative", "speculative", {"measure_speedup": False}),
+    # spec_tree: one small tree (8 nodes, 2 children per node, depth 4) per drafter; speedup from the greedy row
+    *[Row(f"spec_tree {label}", "spec_tree", {"drafter": drafter, "tree_budget": 8, "branching": 2,
+                                              "tree_depth": 4, "measure_speedup": False})
+      for label, drafter in (("model", "model"), ("aded", "aded"), ("recycling", "token_recycling"),
+                             ("lookahead", "lookahead"), ("prompt_lookup", "prompt_lookup"))],
 ]
 
 
@@ -154,6 +160,11 @@ def headline(row: Row, res, by_label: dict, greedy_ids: list[int]) -> str:
     if row.strategy == "speculative":
         return (f"acceptance {m.get('acceptance_rate', float('nan')):.2f}, "
                 f"{m.get('mean_accepted_length', float('nan')):.2f} tokens/round")
+    if row.strategy == "spec_tree":
+        own = by_label.get(row.label, {}).get("ms_per_token")
+        speed = f", speedup {greedy_tok / own:.2f}x over greedy" if greedy_tok and own else ""
+        return (f"{m.get('mean_accepted_length', float('nan')):.2f} tokens/round, "
+                f"{m.get('tree_nodes_mean', float('nan')):.1f} nodes/round{speed}")
     if row.strategy == "ead":
         return f"large-model share {m.get('large_fraction', float('nan')):.2f}"
     if row.strategy == "uscd":
@@ -186,7 +197,9 @@ def runnable(rows: list[Row], registry) -> tuple[list[Row], list[str]]:
     pairs = registry.get(MODEL).pairs
     keep, notes = [], []
     for r in rows:
-        if r.strategy in ("ead", "speculative", "contrastive") and not pairs:
+        needs_pair = r.strategy in ("ead", "speculative", "contrastive") or (
+            r.strategy == "spec_tree" and r.params.get("drafter", "model") == "model")
+        if needs_pair and not pairs:
             notes.append(f"{r.label}: left out, {MODEL} has no pair in models.yaml (the embedded draft, issue 12)")
         else:
             keep.append(r)

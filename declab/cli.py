@@ -4,11 +4,22 @@
     declab run --model KEY --strategy NAME [--set PARAM=VALUE ...] (--prompt TEXT | --prompt-file FILE)
                [--prompt-format raw|chat] [--max-new-tokens N] [--seed S] [--grammar-file FILE] [--lame-prompt TEXT]
                [--csv PATH] [--parquet PATH] [--json PATH] [--html PATH] [--store PATH | --no-store]
+    declab drafters (--prompt TEXT | --prompt-file FILE) [--model KEY] [--drafters model,aded,...]
+               [--set PARAM=VALUE ...] [--prompt-format raw|chat] [--max-new-tokens N] [--seed S]
+               [--csv PATH] [--traces DIR] [--store PATH | --no-store]
     declab runs list|show|export|delete|tag|import ...   the run library (see declab/runs_cli.py)
 
 `declab run` decodes through the background run service (declab/run/service.py), which keeps every run (ok,
 stopped with Ctrl-C, or failed) in the run store (declab/run/store.py) unless
 --no-store is given.
+
+`declab drafters` is the drafter observatory (declab/run/observatory.py): `spec_tree` once per drafter (default: all
+five), the same model, prompt, seed and shared `--set` parameters for each, run one after another through the run
+service (each stored like `declab run`; Ctrl-C stops the current one and skips the rest). It prints the summary
+table (one row per drafter: acceptance, accepted length, target forwards, speedup, times, run id); `--csv` writes
+it spreadsheet-safe, and each drafter's trace goes to `DIR/<drafter>.csv` + `DIR/<drafter>.meta.json` with
+`--traces DIR` (created if missing), else beside the summary as `<csv stem>-<drafter>.csv` + `.meta.json`.
+Exit status: 0, 1 when a drafter's run failed, 130 when stopped.
 
 Bad input exits with status 2 and one line on stderr, before any model is loaded where possible.
 """
@@ -27,6 +38,7 @@ from declab.core import trace as tr
 from declab.core.meta import RunMeta
 from declab.models.registry import load_registry
 from declab.run import Run, RunRequest, get_lm, validate
+from declab.run import observatory as obs
 from declab.run.service import Job, RunService
 from declab.runs_cli import add_runs_parser, add_store_option, cmd_runs
 from viz.report import html_report
@@ -62,6 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="do not print the generated text")
     add_store_option(r)
     r.add_argument("--no-store", action="store_true", help="do not keep this run in the run store")
+    d = sub.add_parser("drafters", help="drafter observatory: spec_tree once per drafter, same prompt and seed, "
+                                        "one summary table")
+    d.add_argument("--model", default=None, help="model key from models.yaml (default: the registry default)")
+    d.add_argument("--drafters", default=None, metavar="D1,D2,...",
+                   help="comma-separated spec_tree drafters (default: all; `declab list` shows spec_tree's "
+                        "drafter choices)")
+    d.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE",
+                   help="spec_tree parameter shared by every drafter (not drafter)")
+    dsrc = d.add_mutually_exclusive_group(required=True)
+    dsrc.add_argument("--prompt")
+    dsrc.add_argument("--prompt-file")
+    d.add_argument("--prompt-format", choices=["raw", "chat"], default=None)
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--csv", default=None, help="the summary table as CSV (spreadsheet-safe)")
+    d.add_argument("--traces", default=None, metavar="DIR",
+                   help="one trace CSV + .meta.json per drafter in DIR (default: beside --csv as <stem>-<drafter>.csv)")
+    add_store_option(d)
+    d.add_argument("--no-store", action="store_true", help="do not keep these runs in the run store")
     add_runs_parser(sub)
     return p
 
@@ -152,6 +183,73 @@ def cmd_run(args) -> int:
     return 0
 
 
+def trace_paths(csv: str | None, traces: str | None, drafters: list[str]) -> dict[str, Path]:
+    """drafter -> where its trace CSV goes: DIR/<drafter>.csv with --traces, else <csv stem>-<drafter>.csv beside
+    the summary, else nowhere."""
+    if traces:
+        return {d: Path(traces) / f"{d}.csv" for d in drafters}
+    if csv:
+        base = Path(csv).with_suffix("")
+        return {d: base.with_name(f"{base.name}-{d}.csv") for d in drafters}
+    return {}
+
+
+def cmd_drafters(args) -> int:
+    registry = load_registry()
+    prompt = args.prompt if args.prompt is not None else _read_text(args.prompt_file, "prompt file")
+    model = args.model or registry.default
+    drafters = args.drafters if args.drafters is not None else obs.legal_drafters()
+    requests = obs.drafter_requests(model, prompt, drafters, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                    params=parse_sets(args.set), prompt_format=args.prompt_format,
+                                    registry=registry)          # every drafter validated before any model loads
+    if args.csv and not Path(args.csv).resolve().parent.is_dir():
+        raise UserError(f"cannot write {args.csv}: folder does not exist")
+    if args.traces:
+        try:
+            Path(args.traces).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write traces to {args.traces}: {e.strerror or e}") from None
+    lm = get_lm(model, registry)
+    jobs = []
+    for label, req in requests:
+        try:
+            jobs.append(Job(label, Run(lm, req, registry=registry, load=lambda key: get_lm(key, registry))))
+        except UserError as e:
+            raise UserError(f"drafter {label}: {e}") from None
+    service = RunService(jobs, kind="drafters", source="cli", store_path="" if args.no_store else args.store)
+    wait_until_interrupted(service)
+    if service.errors and len(service.errors) == len(jobs):
+        i = min(service.errors)
+        raise UserError(f"drafter {jobs[i].label}: {service.errors[i]}")
+    rows = []
+    for i, job in enumerate(jobs):
+        result = job.run.result
+        if i in service.errors:
+            print(f"declab: drafter {job.label}: error: {service.errors[i]}", file=sys.stderr)
+        elif result is not None and result.status == "failed":
+            print(f"declab: drafter {job.label}: run failed: {result.error}", file=sys.stderr)
+        if i in service.unsaved:
+            print(f"declab: warning: drafter {job.label}: run not stored in the run store: {service.unsaved[i]}",
+                  file=sys.stderr)
+        rows.append((job.label, result, "error" if i in service.errors and result is None else None))
+    frame = obs.summary_frame(rows)
+    print(obs.format_table(frame))
+    if args.csv:
+        obs.write_summary_csv(frame, args.csv)
+    paths = trace_paths(args.csv, args.traces, [job.label for job in jobs])
+    for job in jobs:
+        path = paths.get(job.label)
+        if path is not None and job.run.result is not None:
+            tr.write_csv(job.run.result.frame, path)
+            tr.write_json(job.run.result.meta, path.with_suffix(".meta.json"))
+    statuses = [j.run.result.status if j.run.result is not None else "error" for j in jobs]
+    if "stopped" in statuses:
+        print("declab: interrupted (the current drafter's run was stopped and the rest skipped; what they produced "
+              "is kept)", file=sys.stderr)
+        return 130
+    return 1 if service.errors or "failed" in statuses else 0
+
+
 def wait_until_interrupted(service: RunService) -> None:
     """Run the service to the end. A first Ctrl-C stops the run after the current step, so it is kept (stored,
     exported) with status 'stopped'; a second Ctrl-C interrupts at once."""
@@ -178,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "runs":
             return cmd_runs(args)
+        if args.command == "drafters":
+            return cmd_drafters(args)
         return cmd_list(args) if args.command == "list" else cmd_run(args)
     except UserError as e:
         print(f"declab: error: {e}", file=sys.stderr)

@@ -52,8 +52,9 @@ Trace, per round r (`round`): one `propose` row per drafted node (branch_id = no
 `node`, `depth`, `q`, `cum_logq`, `source`, `rank`, `multiplicity`, `tree_size`, `draft_ms` on the first row); one
 `accept` / `reject` row per drafted node with `verdict` accepted | rejected | unverified (never reached), the
 target's warped `p` of the node's token, `accept_prob` and `u` where a test ran, `verify_ms` on the first row; one
-`token` row per emitted token with `origin` accepted | bonus | resampled, branch_id = the node it came from (the
-bonus / resampled token: -1), and on the round's last token row `round_ms`, `verify_ms`, `draft_ms`,
+`token` row per emitted token (one chain: branch_id = parent_id = 0) with `origin` accepted | bonus | resampled,
+`node` = the tree node it came from (the bonus / resampled token: -1) and `parent_node` (the node whose target
+logits gave it), and on the round's last token row `round_ms`, `verify_ms`, `draft_ms`,
 `bookkeeping_ms` (the round minus the target's and the draft model's forwards: building the tree, the mask,
 verifying, compacting). `step` is the index of the generated token a row is about. Metrics: TreeMetrics
 (declab/core/metrics.py).
@@ -124,22 +125,32 @@ class SpecTreeConfig(Config):
 
 
 # ------------------------------------------------------------------------------------------------ model drafter
-def sync_prefix(state: ModelState, ids: list[int]) -> None:
-    """Make `state`'s cache hold exactly `ids` (crop what differs, feed what is missing in one forward)."""
+def sync_prefix(state: ModelState, ids: list[int]) -> float:
+    """Make `state`'s cache hold exactly `ids` (crop what differs, feed what is missing in one forward). Returns the
+    forward time it took (0 when nothing was fed)."""
     lm = state.lm
-    keep = common_prefix(state.ids, ids) if state.cache is not None else 0
+    fwd_ms = 0.0
     if state.cache is None:
-        state.cache, state.ids = (lm.prefill(ids).cache if ids else lm.new_cache()), list(ids)
-        state.forwards += bool(ids)
+        if ids:
+            out = lm.prefill(ids)
+            state.cache, fwd_ms = out.cache, out.fwd_ms
+            state.forwards += 1
+        else:
+            state.cache = lm.new_cache()
+        state.ids = list(ids)
     else:
+        keep = common_prefix(state.ids, ids)
         if keep < len(state.ids):
             lm.crop(state.cache, keep)
             del state.ids[keep:]
         if keep < len(ids):
-            state.cache = lm.step([ids[keep:]], state.cache).cache
+            out = lm.step([ids[keep:]], state.cache)
+            state.cache, fwd_ms = out.cache, out.fwd_ms
             state.ids.extend(ids[keep:])
             state.forwards += 1
     state.verified = len(ids)
+    state.fwd_ms += fwd_ms
+    return fwd_ms
 
 
 def gumbel_top_k(q: torch.Tensor, k: int, generator: torch.Generator) -> list[int]:
@@ -188,16 +199,17 @@ class ModelTreeDrafter(TreeDrafter):
 
     def _tree(self, seq: list[int], budget: int, depth: int, branching: int, generator) -> DraftTree:
         cfg, lm, state = self.cfg, self.lm, self.state
-        sync_prefix(state, seq[:-1])
+        self.fwd_ms += sync_prefix(state, seq[:-1])
         tree = DraftTree.rooted(seq[-1], self.scheme)
         frontier = [0]
-        while frontier and len(tree) - 1 < budget:
-            t0 = lm.clock_ms()
+        while len(tree) - 1 < budget:
+            grow = [u for u in frontier if tree.depth[u] < depth and tree.tokens[u] not in self.eos_ids]
+            if not grow:                                                           # nothing can grow: no forward
+                break
             out = lm.tree_step(tree, state.cache)                                  # logits [N, V]
-            self.fwd_ms += lm.clock_ms() - t0
+            self.fwd_ms += out.fwd_ms
             state.forwards += 1
             lm.crop(state.cache, len(seq) - 1)
-            grow = [u for u in frontier if tree.depth[u] < depth and tree.tokens[u] not in self.eos_ids]
             if cfg.expand == "dynamic":
                 grow.sort(key=lambda u: -tree.cum_logq[u])                         # stable: node order on ties
             added: list[int] = []
@@ -298,9 +310,9 @@ class SpecTree(Strategy):
                 round_ms = lm.clock_ms() - t_round
                 extra = dict(round_ms=round_ms, verify_ms=verify_ms, draft_ms=draft_ms,
                              bookkeeping_ms=max(0.0, round_ms - verify_ms - draft_fwd_ms)) if last else {}
-                trace.add("token", step0 + k, branch_id=node, parent_id=row, position=pos0 + 1 + k, token_id=tok,
+                trace.add("token", step0 + k, branch_id=0, parent_id=0, position=pos0 + 1 + k, token_id=tok,
                           token_text=lm.token_text(tok), logprob=lp, entropy=ent[row], score=lp, accepted=True,
-                          round=rnd, depth=k + 1, origin=origins[k], **extra)
+                          round=rnd, depth=k + 1, origin=origins[k], node=node, parent_node=row, **extra)
                 total_logprob += lp
                 n_emitted += 1
                 if tok in lm.eos_ids:
@@ -332,11 +344,11 @@ class SpecTree(Strategy):
         if is_chain(tree):
             out, _fed = target.advance(seq, extra=tree.tokens[1:], all_logits=True)
             return out.logits[0, -len(tree):], out.fwd_ms
-        sync_prefix(target, seq[:-1])
+        catch_up_ms = sync_prefix(target, seq[:-1])                        # the prompt's prefill on a first tree round
         out = lm.tree_step(tree, target.cache)
         target.forwards += 1
         target.fwd_ms += out.fwd_ms
-        return out.logits, out.fwd_ms
+        return out.logits, out.fwd_ms + catch_up_ms
 
     @staticmethod
     def trace_tree(ctx, tree, result, p_rows, logp, ent, rnd, step0, pos0, drafter, draft_ms, verify_ms) -> None:

@@ -29,7 +29,7 @@ Shared tree rules (`insert_branch`): a branch is walked from the root through ex
 sibling, multiplicity stays 1) and extended while the node budget, the depth and the per-node branching allow; an
 EOS token is kept as the last token of its branch (nothing is proposed after it).
 
-Spec: docs/strategies.md#spec_tree (dossier: algorithms-2.md C.1, C.2, C.4, C.7; templates A.1).
+Spec: docs/strategies.md#spec_tree.
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ def test_trace_and_metrics_agree(fake_registry):
         assert rate == pytest.approx(sum(reach[r] >= d for r in offered) / len(offered), abs=1e-4)
     # every round's accepted tokens form one root-to-leaf path of its tree
     for r, grp in tok[tok.origin == "accepted"].groupby("round"):
-        nodes = list(grp.branch_id)
+        nodes = list(grp.node)
         parents = dict(zip(prop[prop["round"] == r].node, prop[prop["round"] == r].parent_id))
         assert parents[nodes[0]] == 0 and all(parents[b] == a for a, b in zip(nodes, nodes[1:]))
 

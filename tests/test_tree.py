@@ -1,4 +1,4 @@
-"""Token-tree verification forwards (docs: /work/shared/algorithms-2.md A.2-A.5, tests A.8 a, c, f).
+"""Token-tree verification forwards (docs/strategies.md#spec_tree: tree attention, KV compaction).
 
 `tree_step` runs all N draft-tree nodes in one forward with a 4-D ancestor mask and depth positions; each node's
 logits must equal a plain forward of its root-to-node path, and the path-batch fallback `tree_step_paths` (A.3).

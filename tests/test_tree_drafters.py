@@ -1,5 +1,4 @@
-"""Model-free tree drafters of spec_tree (strategies/tree_drafters.py; dossier algorithms-2.md C.1, C.2, C.4, C.7,
-tests C.8): tree shape limits, determinism, table updates by hand on tiny sequences, repeated passages, and a
+"""Model-free tree drafters of spec_tree (strategies/tree_drafters.py; docs/strategies.md#spec_tree): tree shape limits, determinism, table updates by hand on tiny sequences, repeated passages, and a
 scripted greedy tree-verification loop (no model) whose output must equal the script's greedy continuation.
 """
 

@@ -11,6 +11,8 @@ gets its view whatever its name; add an entry here when a strategy lands (see "T
   when there is no collisions column).
 - gcd / asap (p_gcd + masked_mass / p_asap + efg_after): viz.grammar; KL to the target against samples, the
   distributions, EFG~(root) and the prefix trie (the gcd view steps aside for asap runs).
+- spec_tree (origin, round, depth on the token rows): viz.spec_tree; the draft tree of each round (slider),
+  acceptance by depth, tokens per round against time.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from viz.contrastive_search import contrastive_search_figure
 from viz.momentum import momentum_figure
 from viz.grammar import asap_figure, gcd_figure
 from viz.two_model import ead_figure, speculative_figure
+from viz.spec_tree import spec_tree_figure
 from viz.uscd import contrastive_figure, uscd_figure
 from viz.superposed import superposed_figure
 
@@ -110,6 +113,7 @@ MECHANISMS = {
     "superposed": (("weight", "weight_entropy"), superposed_figure),
     "speculative": (("origin", "round"), speculative_figure),
     "ead": (("rolling_entropy",), ead_figure),
+    "spec_tree": (("origin", "round", "depth"), spec_tree_figure),
 }
 
 

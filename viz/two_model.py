@@ -29,7 +29,7 @@ MAX_ROUNDS = 200
 def speculative_figure(frame: pd.DataFrame, meta: dict | None = None) -> go.Figure | None:
     tokens = rows_of(frame, "token")
     decisions = rows_of(frame, "accept", "reject")
-    if not has(tokens, "origin", "round", "step"):
+    if not has(tokens, "origin", "round", "step") or has(tokens, "depth"):    # spec_tree traces: viz/spec_tree.py
         return None
     rounds = sorted(set(num(tokens["round"])[~np.isnan(num(tokens["round"]))].astype(int)))[:MAX_ROUNDS]
     fig = go.Figure()

@@ -2,7 +2,7 @@
 most one child per node, and emit the accepted tokens plus one final token (a bonus after an accepted leaf, or a
 token resampled where the walk stopped). Pure functions on tensors; all randomness comes from the run's generator.
 
-Methods (`verify_tree(..., method=...)`; spec: /work/shared/algorithms-2.md A.4 and B):
+Methods (`verify_tree(..., method=...)`; spec: docs/strategies.md#spec_tree):
 
 * "greedy" (A.4): while argmax p_u is the token of a child of u, descend; then emit argmax p_u. No randomness.
 * "multi_round" (B.1, SpecInfer multi-round rejection; children i.i.d. from dist[u]): r <- p; for each draw x_j:
