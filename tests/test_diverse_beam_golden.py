@@ -2,7 +2,9 @@
 
 tests/data/diverse_beam/golden.json was made once by tests/data/diverse_beam/make_golden.py in a separate venv with
 transformers 4.56.2 (group beam search left the core in 4.57); see that script for how. Sequences must match token
-for token and sequences_scores exactly (both sides float32 on CPU, sdpa attention, same torch)."""
+for token; sequences_scores to 1e-4. (They were equal to the last bit on the CPU the golden file was made on, both sides
+float32, sdpa attention, same torch; on an AMD EPYC without AVX-512, MKL takes other float32 kernels and every score
+moves by about 8e-6, the same on the old and the new code, while every token stays the same.)"""
 
 import json
 
@@ -16,6 +18,7 @@ pytestmark = pytest.mark.model
 
 GOLDEN = json.loads((ROOT / "tests" / "data" / "diverse_beam" / "golden.json").read_text())
 RECORDS = GOLDEN["records"]
+SCORE_TOL = 1e-4          # float32 scores across CPUs (see the module docstring); tokens are compared exactly
 
 
 def run(lm, rec, strategy, **params):
@@ -37,7 +40,7 @@ def test_diverse_beam_equals_transformers_4_56(real_lm, rec):
     gold = rec["cases"]["diverse"]
     res = run(real_lm, rec, "diverse_beam", **gold["params"])
     assert [s.token_ids for s in res.sequences] == gold["sequences"]
-    assert [s.score for s in res.sequences] == gold["sequences_scores"]
+    assert [s.score for s in res.sequences] == pytest.approx(gold["sequences_scores"], abs=SCORE_TOL)
 
 
 @pytest.mark.parametrize("rec", RECORDS, ids=lambda r: r["prompt"][:16])
@@ -45,7 +48,7 @@ def test_beam_equals_transformers_4_56(real_lm, rec):
     gold = rec["cases"]["beam_group1"]
     res = run(real_lm, rec, "beam", num_beams=4)
     assert [s.token_ids for s in res.sequences] == gold["sequences"]
-    assert [s.score for s in res.sequences] == gold["sequences_scores"]
+    assert [s.score for s in res.sequences] == pytest.approx(gold["sequences_scores"], abs=SCORE_TOL)
 
 
 def test_one_group_without_penalty_is_plain_beam_and_loglik_is_the_models(real_lm):
@@ -53,7 +56,7 @@ def test_one_group_without_penalty_is_plain_beam_and_loglik_is_the_models(real_l
     res = run(real_lm, rec, "diverse_beam", num_beams=4, num_beam_groups=1, diversity_penalty=0.0)
     gold = rec["cases"]["beam_group1"]
     assert [s.token_ids for s in res.sequences] == gold["sequences"]
-    assert [s.score for s in res.sequences] == gold["sequences_scores"]
+    assert [s.score for s in res.sequences] == pytest.approx(gold["sequences_scores"], abs=SCORE_TOL)
     # the recorded log-likelihood is the model's, teacher-forced without any cache tricks
     ids = rec["prompt_ids"]
     for s in res.sequences[:2]:
