@@ -75,7 +75,7 @@ from declab.core.tree import DraftTree
 from declab.core.verify import verify_tree
 from strategies.speculative import ModelDrafter
 from strategies.tree_drafters import TreeDrafter, make_tree_drafter
-from strategies.two_model import ModelState, common_prefix, named_model, probs, target_only_ms
+from strategies.two_model import ModelState, common_prefix, named_model, probs, record_speedup
 
 DRAFTERS = ("model", "aded", "token_recycling", "lookahead", "prompt_lookup")
 VERIFY = ("auto", "greedy", "multi_round", "spectr", "rsd")
@@ -326,12 +326,7 @@ class SpecTree(Strategy):
             ctx.metrics = stats.metrics(drafter)
             yield Progress(max(0, len(generated) - 1), generated)
         metrics = stats.metrics(drafter)
-        metrics.spec_ms = round(lm.clock_ms() - t_start, 2)
-        if cfg.measure_speedup and stats.emitted and not ctx.stop.is_set():
-            base_ms = target_only_ms(lm, ctx.prompt_ids, stats.emitted, ctx.stop)
-            if base_ms is not None:   # speedup from the rounded times, so the three stored numbers agree
-                metrics.target_only_ms = round(base_ms, 2)
-                metrics.speedup = round(metrics.target_only_ms / max(metrics.spec_ms, 0.01), 4)
+        record_speedup(ctx, metrics, stats.emitted, lm.clock_ms() - t_start, cfg.measure_speedup)
         ctx.metrics = metrics
         return [Sequence(token_ids=list(generated), score=total_logprob)]
 

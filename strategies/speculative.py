@@ -72,8 +72,8 @@ from declab.core.sampling import draw_from, entropy_bits
 from declab.core import (Config, ModelNeed, Needs, Progress, RunContext, RunGen, Sequence, Strategy, param,
                          register)
 from declab.core.metrics import SpeculativeMetrics
-from strategies.two_model import (ModelState, expected_tokens_per_round, named_model, probs, speculative_step,
-                                  target_only_ms)
+from strategies.two_model import (ModelState, expected_tokens_per_round, named_model, probs, record_speedup,
+                                  speculative_step)
 
 MODEL_FREE = ("ngram", "prompt_lookup")
 ADAPTIVE = ("off", "heuristic", "confidence", "specdec")
@@ -381,14 +381,8 @@ class Speculative(Strategy):
             rnd += 1
             ctx.metrics = self.metrics(stats, by_pos, drafter)
             yield Progress(max(0, len(generated) - 1), generated)
-        spec_ms = lm.clock_ms() - t_start
         metrics = self.metrics(stats, by_pos, drafter)
-        metrics.spec_ms = round(spec_ms, 2)
-        if cfg.measure_speedup and stats["emitted"] and not ctx.stop.is_set():
-            base_ms = target_only_ms(lm, ctx.prompt_ids, stats["emitted"], ctx.stop)
-            if base_ms is not None:   # speedup from the rounded times, so the three stored numbers agree
-                metrics.target_only_ms = round(base_ms, 2)
-                metrics.speedup = round(metrics.target_only_ms / max(metrics.spec_ms, 0.01), 4)
+        record_speedup(ctx, metrics, stats["emitted"], lm.clock_ms() - t_start, cfg.measure_speedup)
         ctx.metrics = metrics
         return [Sequence(token_ids=list(generated), score=total_logprob)]
 

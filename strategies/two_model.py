@@ -165,3 +165,15 @@ def target_only_ms(lm, prompt_ids: list[int], num_tokens: int, stop=None) -> flo
         out = lm.step([[int(out.logits[0].argmax())]], out.cache)
     int(out.logits[0].argmax())
     return lm.clock_ms() - t0
+
+
+def record_speedup(ctx, metrics, emitted: int, spec_ms: float, measure: bool) -> None:
+    """Set metrics.spec_ms and, when `measure`, time target-only decoding of the same `emitted` tokens now (same
+    run, same machine state) for metrics.target_only_ms and metrics.speedup = target_only_ms / spec_ms, computed
+    from the rounded times so the three stored numbers agree."""
+    metrics.spec_ms = round(spec_ms, 2)
+    if measure and emitted and not ctx.stop.is_set():
+        base_ms = target_only_ms(ctx.lm, ctx.prompt_ids, emitted, ctx.stop)
+        if base_ms is not None:
+            metrics.target_only_ms = round(base_ms, 2)
+            metrics.speedup = round(metrics.target_only_ms / max(metrics.spec_ms, 0.01), 4)
