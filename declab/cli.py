@@ -8,6 +8,8 @@
                [--set PARAM=VALUE ...] [--prompt-format raw|chat] [--max-new-tokens N] [--seed S]
                [--csv PATH] [--traces DIR] [--store PATH | --no-store]
     declab runs list|show|export|delete|tag|import ...   the run library (see declab/runs_cli.py)
+    declab sweep FILE --out DIR [--backend local|ray] [--workers N] [--address ADDR] [--resume]   sweeps
+               (see declab/sweep/cli.py)
 
 `declab run` decodes through the background run service (declab/run/service.py), which keeps every run (ok,
 stopped with Ctrl-C, or failed) in the run store (declab/run/store.py) unless
@@ -41,6 +43,7 @@ from declab.run import Run, RunRequest, get_lm, validate
 from declab.run import observatory as obs
 from declab.run.service import Job, RunService
 from declab.runs_cli import add_runs_parser, add_store_option, cmd_runs
+from declab.sweep.cli import add_sweep_parser, cmd_sweep
 from viz.report import html_report
 
 
@@ -94,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_option(d)
     d.add_argument("--no-store", action="store_true", help="do not keep these runs in the run store")
     add_runs_parser(sub)
+    add_store_option(add_sweep_parser(sub))
     return p
 
 
@@ -278,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_runs(args)
         if args.command == "drafters":
             return cmd_drafters(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
         return cmd_list(args) if args.command == "list" else cmd_run(args)
     except UserError as e:
         print(f"declab: error: {e}", file=sys.stderr)

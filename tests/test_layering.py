@@ -6,6 +6,8 @@ Layers (an arrow is "may import"):
         -> declab.run (plan, resolver, runner, service, store) -> declab.models (registry, LM, loading)
         -> declab.core (the contract) <- strategies
     viz imports nothing of the project; declab.run and the interfaces may draw with it.
+    declab.sweep (sweeps) sits beside the interfaces: it uses the engine and strategies' own checkers (grammar),
+    and the CLI, the app and bench use it.
 
 The engine never imports `strategies` (the registry finds them through the `declab.strategies` entry points), no
 project module imports `app`, and the test double lives in tests/. A function-local import of a project module is
@@ -31,14 +33,15 @@ ALLOWED = {
     "strategies": {"declab.core"},
     "declab.models": {"declab.core"},
     "declab.run": {"declab.core", "declab.models", "viz"},
-    "interface": {"declab.core", "declab.models", "declab.run", "viz"},
-    "app": {"declab.core", "declab.models", "declab.run", "viz"},
+    "declab.sweep": {"declab.core", "declab.models", "declab.run", "strategies"},
+    "interface": {"declab.core", "declab.models", "declab.run", "viz", "declab.sweep"},
+    "app": {"declab.core", "declab.models", "declab.run", "viz", "declab.sweep"},
     "tools": {"declab.core", "declab.models", "declab.run"},
-    "bench": {"declab.core", "declab.models", "declab.run", "viz", "strategies", "tools"},
+    "bench": {"declab.core", "declab.models", "declab.run", "viz", "strategies", "tools", "declab.sweep"},
     "tests": {"declab.core", "declab.models", "declab.run", "interface", "viz", "strategies", "app", "bench",
-              "tools"},
+              "tools", "declab.sweep"},
 }
-NO_LOCAL_IMPORTS = ("declab.core", "declab.models", "declab.run", "interface", "strategies", "viz", "app", "tools",
+NO_LOCAL_IMPORTS = ("declab.core", "declab.models", "declab.run", "declab.sweep", "interface", "strategies", "viz", "app", "tools",
                     "bench")
 
 
@@ -50,7 +53,7 @@ def module_name(path: Path) -> str:
 
 
 def group(module: str) -> str:
-    for g in ("declab.core", "declab.models", "declab.run"):
+    for g in ("declab.core", "declab.models", "declab.run", "declab.sweep"):
         if module == g or module.startswith(g + "."):
             return g
     if module in INTERFACE:
