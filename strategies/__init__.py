@@ -9,3 +9,5 @@ from strategies import ead, speculative, spec_tree  # noqa: F401
 from strategies import gcd, asap  # noqa: F401
 from strategies import superposed  # noqa: F401
 from strategies import contrastive, uscd  # noqa: F401
+from strategies import sampler_chain  # noqa: F401
+from strategies import cautious, adadec  # noqa: F401

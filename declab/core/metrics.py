@@ -219,3 +219,30 @@ class TreeMetrics(StrategyMetrics):
     target_only_ms: float | None = None
     speedup: float | None = None
     table_coverage: int | None = None
+
+
+@dataclass
+class UncertaintyMetrics(StrategyMetrics):
+    """Uncertainty-guided decoding metrics (cautious, adadec).
+
+    decisions: steps where the entropy gate was read (one per emitted token for adadec; for cautious the tokens of
+    a kept trial after its first are not decisions). interventions: decisions where the gate fired (cautious:
+    N > 1 trials; adadec: a pause with a lookahead rerank). intervention_rate = interventions / decisions.
+    mean_trials (cautious): mean N over the interventions. trial_tokens (cautious): tokens sampled in all trials.
+    flips (adadec): pauses whose chosen token differs from the greedy top-1; flip_fraction = flips / decisions.
+    forwards: model forwards after the prefill; forward_tokens: token positions those forwards computed (rows x
+    new positions, junk rows of a finished trial included). forward_tokens_per_token = forward_tokens / emitted
+    tokens (plain decoding: 1); extra_forwards_per_token = (forwards - emitted tokens) / emitted tokens (plain
+    decoding: about 0)."""
+
+    decisions: int | None = None
+    interventions: int | None = None
+    intervention_rate: float | None = None
+    mean_trials: float | None = None
+    trial_tokens: int | None = None
+    flips: int | None = None
+    flip_fraction: float | None = None
+    forwards: int | None = None
+    forward_tokens: int | None = None
+    forward_tokens_per_token: float | None = None
+    extra_forwards_per_token: float | None = None
