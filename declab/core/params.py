@@ -12,15 +12,21 @@ from dataclasses import dataclass, field
 from declab.core.errors import UserError
 
 
-def param(default, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, choices=None, help: str = ""):
-    """A config field with its legal range (inclusive unless *_open) or choices, and help text for the UI/CLI."""
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "help": help}
+def param(default, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, choices=None, help: str = "",
+          legal: str = ""):
+    """A config field with its legal range (inclusive unless *_open) or choices, and help text for the UI/CLI.
+    `legal`: for a free-form text field, the legal values in words (shown as its range; the config's `check`
+    enforces them)."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "help": help,
+            "legal": legal}
     if isinstance(default, (list, dict)):
         raise TypeError("use a tuple default")
     return field(default=default, metadata=meta)
 
 
 def range_text(meta: dict) -> str:
+    if meta.get("legal"):
+        return meta["legal"]
     if meta.get("choices"):
         return "one of " + ", ".join(str(c) for c in meta["choices"])
     lo, hi = meta.get("lo"), meta.get("hi")
