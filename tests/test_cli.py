@@ -42,7 +42,9 @@ def test_run_writes_json_csv_parquet(tmp_path, capsys):
     data = json.loads(out_json.read_text())
     assert set(data) >= {"model", "strategy", "params", "seed", "prompt_format", "sequences", "metrics", "wall_s",
                          "versions"}
-    assert data["params"] == {"temperature": 0.8, "top_k": 5, "top_p": 1.0, "min_p": 0.0}
+    assert data["params"] == {"temperature": 0.8, "top_k": 5, "top_p": 1.0, "min_p": 0.0, "top_h": 0.0,
+                              "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
+                              "no_repeat_ngram_size": 0}
     assert data["seed"] == 7 and data["prompt_format"] == "raw"
     seq = data["sequences"][0]
     assert set(seq) == {"text", "token_ids", "score"} and 0 not in seq["token_ids"]
