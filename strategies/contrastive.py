@@ -77,6 +77,23 @@ def add_candidates(ctx: RunContext, step: int, token: int, rows: list[dict]) -> 
                       token_text=lm.token_text(tid), accepted=(tid == token), **cols)
 
 
+def sample_reference(lpe: torch.Tensor, amateur_term: torch.Tensor, head: torch.Tensor, temperature: float,
+                     top_p: float, generator: torch.Generator) -> int:
+    """The reference's sampling step (`sample` with teacher_student): the expert's log-probs restricted to V_head
+    (EntrPLogitsWarper), then top-p on them (renormalised over V_head), then / temperature; the amateur term is added
+    after (score = warped expert - amateur), then one draw from the softmax. lpe, amateur_term: [V]; head: [V] bool."""
+    x = lpe.masked_fill(~head, NEG_INF).log_softmax(-1)                         # [V] log p_EXP renormalised on V_head
+    if top_p < 1.0:
+        # transformers' TopPLogitsWarper: drop the low tail whose cumulative mass is <= 1 - top_p (keep >= 1)
+        sorted_x, idx = torch.sort(x, descending=False)
+        cum = sorted_x.softmax(-1).cumsum(-1)
+        drop = cum <= (1 - top_p)
+        drop[-1] = False
+        x = x.masked_fill(drop.scatter(0, idx, drop), NEG_INF)
+    warped = x / temperature + amateur_term                                     # [V]
+    return int(torch.multinomial(warped.softmax(-1), 1, generator=generator))
+
+
 # ------------------------------------------------------------------------------------------------ CD
 @dataclass(frozen=True)
 class ContrastiveConfig(Config):
@@ -92,7 +109,17 @@ class ContrastiveConfig(Config):
                                        help="Temperature of the amateur in the log_ratio form (reference README: 0.5).")
     temperature: float = param(0.0, lo=0.0, hi=100.0, help="0 = greedy on the CD score; > 0 = sample "
                                                            "softmax(score / temperature).")
-    top_p: float = param(1.0, lo=0.0, hi=1.0, lo_open=True, help="Top-p on the CD score when sampling (1 = off).")
+    top_p: float = param(1.0, lo=0.0, hi=1.0, lo_open=True, help="Top-p when sampling (1 = off); where it "
+                                                                   "applies: `warp`.")
+    amateur_context: str = param("full", choices=("full", "last_token"),
+                                 help="What the amateur reads: full = the whole prompt and the generation; "
+                                      "last_token = only the prompt's last token and the generation, as a fresh "
+                                      "sequence (the reference's --ignore_prefix yes: the setting of the paper's "
+                                      "results).")
+    warp: str = param("score", choices=("score", "expert"),
+                      help="When sampling, where temperature and top-p apply. score: softmax(CD score / T) after "
+                           "top-p on the CD score. expert: the reference's setting: on the expert's log-probs only "
+                           "(top-p over V_head, then / T), minus the amateur term, then softmax.")
 
 
 @register
@@ -139,7 +166,8 @@ class ContrastSelector(Selector):
 
     def _amateur_logits(self) -> tuple[torch.Tensor, float]:
         if self.out_a is None:
-            self.out_a = self.amateur.prefill(self.ctx.prompt_ids)
+            prompt = list(self.ctx.prompt_ids)
+            self.out_a = self.amateur.prefill(prompt[-1:] if self.cfg.amateur_context == "last_token" else prompt)
         elif self.pending is not None:
             self.out_a = self.amateur.step([[self.pending]], self.out_a.cache)
         self.pending = None
@@ -157,7 +185,10 @@ class ContrastSelector(Selector):
         head = lpe >= lpe.max() + self.log_alpha                                 # V_head, [V] bool
         raw = lpe - lpa if cfg.score == "log_ratio" else (1 + cfg.beta) * le - cfg.beta * la
         scores = raw.masked_fill(~head, NEG_INF)
-        token = choose(scores, cfg.temperature, cfg.top_p, ctx.generator)
+        if cfg.warp == "expert" and cfg.temperature > 0:
+            token = sample_reference(lpe, raw - lpe, head, cfg.temperature, cfg.top_p, ctx.generator)
+        else:
+            token = choose(scores, cfg.temperature, cfg.top_p, ctx.generator)
         ctop = torch.topk(scores, k)
         etop = torch.topk(lpe, k)
         # one host sync for every per-step number

@@ -2,7 +2,10 @@
 
 Paper: Basu, Ramachandran, Keskar, Varshney, "Mirostat: A Neural Text Decoding Algorithm that Directly Controls
 Perplexity", ICLR 2021 (arXiv 2007.14966); reference implementation basusourya/mirostat `mirostat.py` (v1).
-v2 ("Mirostat 2.0") follows llama.cpp (`llama_sampler_mirostat_v2_apply`); it is not in the paper text.
+v2 is in the same official repository: its notebook `Mirostat_sampling_experiments.ipynb` ("Mirostat decoding for
+scatter plot") keeps the tokens whose surprise is <= mu and measures the surprise under the untruncated
+distribution, mu = 2 tau, learning rate 1 (it softmaxes the 1000 largest logits only, a negligible cut we leave out);
+llama.cpp ships it as "Mirostat 2.0" (`llama_sampler_mirostat_v2_apply`, surprise from the truncated set).
 Spec: docs/strategies.md#mirostat.
 
 Each step (state per run: mu, initialised to 2*tau, in bits):
@@ -35,6 +38,11 @@ the context allows (below the surprise of the top token, or above that of sampli
 up or down without limit and the kept set sticks at 1 token or at all of them until the text moves back into range.
 The mean of S over a window is exactly tau + (mu at its start - mu at its end) / (eta * length), which is what the
 trace's mu columns show.
+
+v1 of the paper's figures (`v1_rule = figure`): the notebook cell that made the repetition-vs-cross-entropy figure
+("Mirostat sampling repetition analysis") differs from mirostat.py: the Zipf fit uses 99 pairs (p_1..p_100; `m` is
+then 100 whatever it is set to), k = max(round(k), 1) (no +1), mu starts at 1.7 tau instead of 2 tau, and mu is
+clamped at 0 after each update (max(mu, 0)). The default `script` is mirostat.py's rule above.
 
 Trace (one `token` row per step, besides the base columns): `mu` (before the step), `mu_after`, `surprise` (S in
 bits, from where `surprise_from` says), `error` (S - tau), `surprise_mean` (running mean of S), `k` (v1: tokens kept
@@ -69,6 +77,10 @@ class MirostatConfig(Config):
                         "pairs; llama.cpp uses m=100 (99 pairs). Capped at the vocabulary size. Unused by v2.")
     temperature: float = param(1.0, lo=0.0, hi=100.0, lo_open=True,
                                help="Divide logits by this before mirostat (llama.cpp's order; the paper has none).")
+    v1_rule: str = param("script", choices=("script", "figure"),
+                         help="v1 only. script: the reference mirostat.py (m pairs as set, k = round(k) + 1, mu "
+                              "starts at 2 tau). figure: the official notebook's code behind the paper's repetition "
+                              "figure (99 pairs, k = max(round(k), 1), mu starts at 1.7 tau, mu clamped at >= 0).")
     surprise_from: str = param("full", choices=("full", "truncated"),
                                help="Where S = -log2 p(X) is measured: 'full' distribution (the reference) or the "
                                     "'truncated' kept set renormalised (llama.cpp; lets the true surprise exceed tau).")
@@ -102,9 +114,14 @@ def zipf_k(s_hat: float, mu: float, n: int) -> float:
     return math.exp(min(max(ln_k, -700.0), 700.0))
 
 
-def reference_round(k: float, vocab_size: int) -> int:
-    """The reference's integer k: round(k) + 1 (round half to even, as Python's round), clamped to [1, V]."""
-    return int(min(max(round(k) + 1, 1), vocab_size))
+def reference_round(k: float, vocab_size: int, plus_one: bool = True) -> int:
+    """The reference's integer k: round(k) + 1 (round half to even, as Python's round), clamped to [1, V];
+    plus_one=False: the figure notebook's max(round(k), 1)."""
+    return int(min(max(round(k) + (1 if plus_one else 0), 1), vocab_size))
+
+
+FIGURE_RANKS = 100              # the figure notebook's estimate_s(prob_list[0:100]): 99 pairs
+FIGURE_MU0 = 1.7                # its max_surprise = 1.7 * target_surprise
 
 
 class Controller(Selector):
@@ -115,11 +132,12 @@ class Controller(Selector):
 
     def __init__(self, cfg: MirostatConfig, vocab_size: int, generator: torch.Generator):
         self.cfg, self.vocab_size, self.generator = cfg, vocab_size, generator
-        self.ranks = min(cfg.m, vocab_size)
+        self.figure = cfg.version == 1 and cfg.v1_rule == "figure"
+        self.ranks = min(FIGURE_RANKS if self.figure else cfg.m, vocab_size)
         self.reset()
 
     def reset(self) -> None:
-        self.mu = self.mu_next = 2.0 * self.cfg.tau
+        self.mu = self.mu_next = (FIGURE_MU0 if self.figure else 2.0) * self.cfg.tau
         self.total_surprise, self.steps = 0.0, 0
 
     def accept(self, token: int) -> None:
@@ -140,7 +158,7 @@ class Controller(Selector):
         if cfg.version == 1:
             top = torch.topk(logp, self.ranks)                                 # sorted descending
             s_hat = zipf_exponent(top.values)                                 # host sync 1
-            k = reference_round(zipf_k(s_hat, self.mu, self.vocab_size), self.vocab_size)
+            k = reference_round(zipf_k(s_hat, self.mu, self.vocab_size), self.vocab_size, not self.figure)
             if k <= self.ranks:
                 kept_logp, kept_ids = top.values[:k], top.indices[:k]         # [k]
             elif k < self.vocab_size:
@@ -166,9 +184,11 @@ class Controller(Selector):
         error = surprise - cfg.tau
         mu_before = self.mu
         self.mu_next = mu_before - cfg.eta * error
+        if self.figure:
+            self.mu_next = max(self.mu_next, 0.0)                             # the figure notebook's clamp
         self.total_surprise += surprise
         self.steps += 1
-        extra.update(k=k, mu=mu_before, mu_after=self.mu_next, surprise=surprise, error=error,
+        extra.update(k=k, kept=k, mu=mu_before, mu_after=self.mu_next, surprise=surprise, error=error,
                      surprise_mean=self.total_surprise / self.steps, cut_mass=max(0.0, -math.expm1(lnorm)))
         return Choice(token, score, extra)
 

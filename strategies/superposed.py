@@ -84,6 +84,10 @@ class SuperposedConfig(Config):
     ngram_corpus: str = param("", help="text file or folder (.txt/.md/.rst) for the n-grams; empty = the default "
                               "corpus (CPython's documentation prose)")
     early_stop: bool = param(True, help="stop once k drafts have finished and every alive draft scores below them")
+    float32_exclusion: bool = param(True, help="the reference's setting: p~ comes from a float32 softmax over the "
+                                    "whole vocabulary, so a top token more than ~104 nats below the best (in "
+                                    "logits / temperature) has p~ = 0 and is excluded; off = keep it at its tiny "
+                                    "log-probability (about -104 and below)")
 
     def check(self) -> None:
         name = self.strategy_name()
@@ -161,10 +165,15 @@ class Superposed(Strategy):
             top = torch.topk(logits, n_tok)
             logp = torch.log_softmax(logits, -1)
             ent = -(logp.exp() * logp).sum() / LN2
-            packed = torch.cat([top.values, logp[top.indices], ent[None]]).double().cpu()   # one transfer
+            # the reference's p~: a float32 softmax of logits / tau over the whole vocabulary; a top token ~104 nats
+            # below the best there has p exactly 0 and is excluded (ln p~ = -inf), see `float32_exclusion`
+            zero = (torch.softmax(logits.float() / tau, -1)[top.indices] == 0).float()   # [n_tok]
+            packed = torch.cat([top.values, logp[top.indices], ent[None], zero]).double().cpu()   # one transfer
             toks = top.indices.cpu()                                         # [n_tok]
-            vals, raw_lp, entropy = packed[:n_tok], packed[n_tok:2 * n_tok], float(packed[-1])
+            vals, raw_lp, entropy = packed[:n_tok], packed[n_tok:2 * n_tok], float(packed[2 * n_tok])
             ln_pt = torch.log_softmax(vals / tau, -1)                        # ln p~ over the kept tokens [n_tok]
+            if cfg.float32_exclusion:
+                ln_pt = ln_pt.masked_fill(packed[2 * n_tok + 1:] > 0, -math.inf)
 
             D = len(seqs)                                                    # 1 at the first step, then k
             hits = matched = None

@@ -75,14 +75,26 @@ REFERENCE_T = 0.005
 
 
 def std_to_threshold(T: float, vocab_size: int) -> float:
-    """The reference's std threshold T on a vocabulary of V -> the equivalent bound on sum p^2 (V T^2 + 1/V)."""
-    return vocab_size * T * T + 1.0 / vocab_size
+    """The reference's std threshold T on a vocabulary of V -> the equivalent bound on sum p^2, (V-1) T^2 + 1/V
+    (`torch.std` is Bessel-corrected: u^2 = (sum p^2 - 1/V) / (V - 1))."""
+    return (vocab_size - 1) * T * T + 1.0 / vocab_size
+
+
+def std_of(sum_sq: float, vocab_size: int) -> float:
+    """The reference's statistic u = torch.std(p_s) (Bessel-corrected) from sum p^2: sqrt((sum p^2 - 1/V) / (V-1))."""
+    V = vocab_size
+    return math.sqrt(max((sum_sq - 1.0 / V) / (V - 1), 0.0)) if V > 1 else 0.0
 
 
 # ------------------------------------------------------------------------------------------------ lame prompt
-_EXAMPLE_HEADER = re.compile(r"^\s*(for\s+)?(an?\s+)?examples?\s*(usage|\d+)?\s*[:.]?\s*$", re.I)
-_EXAMPLE_LINE = re.compile(r"^\s*(input\s*:|output\s*:|explanation\s*:|for\s.*\boutput\s+should\s+be\b"
-                           r"|[A-Za-z_][\w.]*\(.*\)\s*(==>?|➞|=>|->|should\s+return|returns?)\s*\S)", re.I)
+_EXAMPLE_HEADER = re.compile(r"^\s*(for\s+)?(an?\s+)?(exam[pb]les?|constraints|variables|note)\s*(usage|\d+)?\s*[:.]?\s*$",
+                             re.I)
+_EXAMPLE_LINE = re.compile(r"^\s*(input\s*:|output\s*:|explanation\s*:|for\s.*\b(output|result)\s+should\s+be\b"
+                           r"|(for\s+)?[A-Za-z_][\w.]*\(.*\)\s*(==>?|➞|=>|->|=|should\s+return|returns?|#\s*=>"
+                           r"|#\s*returns?)\s*\S)", re.I)
+_NOTE = re.compile(r"^\s*(note\s*:|e\.g\.)", re.I)               # an explanatory note: the line and its continuation
+_DEFINITION = re.compile(r"(as\s+follows|defined\s+as)\s*:\s*$", re.I)   # what follows defines, it is no example
+_CLOSE = ('"""', "'''")
 
 
 def _indent(line: str) -> int:
@@ -91,37 +103,70 @@ def _indent(line: str) -> int:
 
 def lame_prompt(text: str) -> str:
     """The prompt without its input-output examples (see the module docstring): doctest `>>>` examples and their
-    outputs; "Example(s) [N]:" sections (the header and what is indented under it or looks like an example:
-    `Input:` / `Output:` / `Explanation:` lines, `f(...) == / ==> / ➞ result` calls, "For x = ... the output should
-    be ..."), also such example lines on their own; and MBPP `assert` test lines. Text without examples comes back
-    unchanged."""
+    outputs; "Example(s) [N]:" / "Constraints:" / "Variables:" / "Note:" sections (the header and what is indented
+    under it or looks like an example: `Input:` / `Output:` / `Explanation:` lines, `f(...) == / ==> / ➞ / = result`
+    calls, "For x = ... the output should be ..."), also such example lines on their own (except in a block that a
+    line ending "as follows:" / "defined as:" introduces: a definition such as `fib4(0) -> 0`); "Note: ..." and
+    "E.g. ..." lines with their continuation lines; and MBPP `assert` test lines. A blank line just before a removed
+    block stays (at most one before a closing docstring quote); blank lines inside or after one go. Text without
+    examples comes back unchanged."""
     out: list[str] = []
     in_doctest = False
     section = None                       # indentation of the "Example:" header whose section is being dropped
+    note = None                          # indentation of a "Note: ..." line whose continuation is being dropped
+    definition = False
+    removed = False                      # the previous non-blank line was removed
+    pending: list[str] = []
     for line in text.split("\n"):
         s = line.strip()
+        drop = True
         if s.startswith(">>>"):
             in_doctest = True
-            continue
-        if in_doctest:
-            # expected output lines follow a `>>>` line until a blank line, the docstring end or another example
-            if s and not s.startswith(('"""', "'''")):
-                continue
+        elif in_doctest and s and not s.startswith(_CLOSE):
+            pass                         # an expected output line of the example above
+        else:
             in_doctest = False
-        if section is not None:
-            if not s or _indent(line) > section or _EXAMPLE_LINE.match(line) or _EXAMPLE_HEADER.match(line):
-                continue
-            section = None
-        if _EXAMPLE_HEADER.match(line):
-            section = _indent(line)
+            if note is not None and not (s and not s.startswith(_CLOSE) and _indent(line) >= note
+                                         and not _EXAMPLE_HEADER.match(line)):
+                note = None
+            if note is not None:
+                pass
+            elif section is not None and (not s or _indent(line) > section or _EXAMPLE_LINE.match(line)
+                                          or _EXAMPLE_HEADER.match(line)):
+                pass
+            else:
+                section = None
+                if definition and (not s or s.startswith(_CLOSE)):
+                    definition = False
+                if _DEFINITION.search(line):
+                    definition = True
+                    drop = False
+                elif _EXAMPLE_HEADER.match(line):
+                    section = _indent(line)
+                elif _NOTE.match(line):
+                    note = _indent(line)
+                elif not (s.startswith("assert ") or s.startswith("assert(")
+                          or (_EXAMPLE_LINE.match(line) and not definition)):
+                    drop = False
+        if not drop and not s and removed:
+            pending.append(line)         # a blank line after a removed block: kept unless a closing quote follows
             continue
-        if s.startswith("assert ") or s.startswith("assert(") or _EXAMPLE_LINE.match(line):
-            continue
-        out.append(line)
-    result = "\n".join(out)
-    # a blank line left just before a closing docstring quote (the removed examples were the docstring's end)
-    result = re.sub(r"\n[ \t]*\n([ \t]*(\"\"\"|'''))", r"\n\1", result)
+        if not drop:
+            if pending and not s.startswith(_CLOSE):
+                out.extend(pending)
+            pending = []
+            out.append(line)
+        removed = drop or (removed and not s)
+    result = "\n".join(out + pending)
+    # at most one blank line before a closing docstring quote
+    result = re.sub(r"\n([ \t]*\n)+([ \t]*(\"\"\"|'''))", r"\n\1\2", result)
     return result if result.strip() else text
+
+
+def reference_pad_id(lm) -> int:
+    """The reference's pad token: the tokenizer's EOS (bigcode harness: `tokenizer.pad_token = tokenizer.eos_token`)."""
+    tid = getattr(getattr(lm, "tokenizer", None), "eos_token_id", None)
+    return int(tid) if isinstance(tid, int) else next(iter(sorted(lm.eos_ids)), 0)
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -139,6 +184,11 @@ class USCDConfig(Config):
                                                           "negative = contrast).")
     temperature: float = param(0.8, lo=0.0, hi=100.0, help="0 = greedy; > 0 = sample (published run: 0.8).")
     top_p: float = param(0.95, lo=0.0, hi=1.0, lo_open=True, help="Top-p after temperature (published run: 0.95).")
+    lame_padding: str = param("masked", choices=("masked", "eos"),
+                              help="How the two prompts share one batch. masked: left-pad the shorter row and mask "
+                                   "the padding (each row sees only its own prompt). eos: the reference's setting "
+                                   "(published run): the lame row is cut or right-padded with EOS tokens to the "
+                                   "standard prompt's length, all attended, so it reads the lame prompt then </s>s.")
 
 
 @register
@@ -165,15 +215,24 @@ class USCD(Strategy):
         floor = cfg.gamma / V
         k = min(ctx.num_alternatives, V)
 
-        # one batch of two rows, left-padded, each row with its own mask and positions
+        # one batch of two rows, each with its own mask and positions
         a, b = len(std_ids), len(lame_ids)
-        L = max(a, b)
-        pad = next(iter(sorted(lm.eos_ids)), 0)
-        ids = torch.tensor([[pad] * (L - a) + std_ids, [pad] * (L - b) + lame_ids], dtype=torch.long)
-        mask = torch.tensor([[0] * (L - a) + [1] * a, [0] * (L - b) + [1] * b], dtype=torch.long)
+        if cfg.lame_padding == "eos":
+            # the reference: both prompts tokenized with padding="max_length", pad = EOS, then cut to the standard
+            # prompt's length; no attention mask (pad == eos, so transformers attends to every position)
+            eos = reference_pad_id(lm)
+            lame_row = lame_ids[:a] + [eos] * (a - b)
+            ids = torch.tensor([std_ids, lame_row], dtype=torch.long)
+            mask = torch.ones(2, a, dtype=torch.long)
+            next_pos = torch.tensor([[a], [a]], dtype=torch.long)
+        else:
+            L = max(a, b)
+            pad = next(iter(sorted(lm.eos_ids)), 0)
+            ids = torch.tensor([[pad] * (L - a) + std_ids, [pad] * (L - b) + lame_ids], dtype=torch.long)
+            mask = torch.tensor([[0] * (L - a) + [1] * a, [0] * (L - b) + [1] * b], dtype=torch.long)
+            next_pos = torch.tensor([[a], [b]], dtype=torch.long)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         out = lm.prefill(ids, attention_mask=mask, position_ids=pos)
-        next_pos = torch.tensor([[a], [b]], dtype=torch.long)
         one = torch.ones(2, 1, dtype=torch.long)
 
         generated: list[int] = []
@@ -206,7 +265,7 @@ class USCD(Strategy):
             flips += flip
             n_contrast += use_contrast
             steps += 1
-            u_std = math.sqrt(max(stats[2] / V - 1.0 / (V * V), 0.0))
+            u_std = std_of(stats[2], V)
             trace.add("token", step, branch_id=0, parent_id=0, position=a + step, token_id=token,
                       token_text=lm.token_text(token), logprob=stats[8], entropy=stats[4],
                       score=stats[9] if math.isfinite(stats[9]) else None, model=lm.key, accepted=True,

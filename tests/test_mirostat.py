@@ -247,7 +247,7 @@ def test_trace_records_the_control_loop(version, surprise_from):
     assert t.surprise.tolist() == pytest.approx(measured.tolist(), abs=1e-5)
     assert ((t.k >= 1) & (t.k <= 32)).all() and (t.score <= 1e-6).all()
     assert res.meta["params"] == {"version": version, "tau": tau, "eta": eta, "m": 101, "temperature": 1.0,
-                                  "surprise_from": surprise_from}
+                                  "v1_rule": "script", "surprise_from": surprise_from}
 
 
 def test_every_token_comes_from_the_kept_set_and_logprob_stays_the_models():

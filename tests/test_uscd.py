@@ -16,7 +16,7 @@ from declab.cli import main as cli_main
 from declab.core.errors import UserError
 from tests.fake import FakeLM
 from declab.run import Run, RunRequest
-from strategies.uscd import lame_prompt, std_to_threshold
+from strategies.uscd import lame_prompt, std_of, std_to_threshold
 
 HE_PROMPT = '''from typing import List
 
@@ -101,8 +101,10 @@ HE_SECTIONS = '''def even_odd_palindrome(n):
 
 
 def test_lame_prompt_example_sections():
+    """The reference's own lame prompt of this problem (HumanEval/107) drops the "Note:" section too (issue 20);
+    the blank line before the removed block stays."""
     assert lame_prompt(HE_SECTIONS) == ('def even_odd_palindrome(n):\n    """\n    Given a positive integer n, return a '
-                                        'tuple of counts.\n\n    Note:\n        1. 1 <= n <= 10^3\n    """\n')
+                                        'tuple of counts.\n\n    """\n')
 
 
 def test_lame_prompt_mbpp_assert_removed():
@@ -118,15 +120,18 @@ def test_lame_prompt_inside_chat_message_and_unchanged_without_examples():
 
 
 def test_threshold_mapping_to_reference_std():
-    """u = population std of p over V; u <= T  <=>  sum p^2 <= V T^2 + 1/V (the published T=0.005 at V=32016 -> 0.80)."""
+    """u = torch.std(p_s) as the reference computes it (Bessel-corrected, contrast.py); u <= T  <=>
+    sum p^2 <= (V-1) T^2 + 1/V (the published T=0.005 at V=32016 -> 0.80). V = 50 tells V-1 from V: a gate with
+    V T^2 would disagree at the 0.1% margins below (issue 20 item 7)."""
     assert std_to_threshold(0.005, 32016) == pytest.approx(0.8004, abs=1e-4)
     g = torch.Generator().manual_seed(0)
     for V in (50, 1000, 32016):
         for scale in (0.5, 3.0, 12.0):
             p = (torch.randn(V, generator=g, dtype=torch.float64) * scale).softmax(-1)
-            u = p.std(unbiased=False)
+            u = torch.std(p)                                           # the reference's statistic
             for T in (float(u) * 0.999, float(u) * 1.001):
                 assert bool(u <= T) == bool((p * p).sum() <= std_to_threshold(T, V))
+                assert std_of(float((p * p).sum()), V) == pytest.approx(float(u), rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------ fake model
@@ -259,10 +264,10 @@ def test_derived_lame_prompt_and_trace(fake_registry):
     cand = res.frame[res.frame.kind == "candidate"]
     assert set(cand.source) == {"standard", "lame", "contrast"}
     assert (cand.groupby(["step", "source"]).size() == 5).all()
-    # std column = population std of p_s recomputed from sum p^2
+    # std column = the reference's torch.std(p_s) (Bessel-corrected) recomputed from sum p^2
     tok = tokens(res)
     V = lm.vocab_size
-    assert ((tok.u_std ** 2 - (tok.sum_sq / V - 1 / V ** 2)).abs() < 1e-9).all()
+    assert ((tok.u_std ** 2 - (tok.sum_sq - 1 / V) / (V - 1)).abs() < 1e-9).all()
 
 
 def test_std_threshold_overrides(fake_registry):
