@@ -1,8 +1,9 @@
 """declab: the Streamlit entry point (`streamlit run app/Home.py`, or `make run`).
 
-Multipage navigation: Run (the landing page), Compare, Drafter observatory, Trace explorer, Teach, Export and
-Library (every stored run, across sessions and restarts). Each page is a thin script over the app's modules (common,
-forms, jobs, render, exports); decoding lives in declab/ and strategies/, figures in viz/.
+Multipage navigation: Run (the landing page), Compare, Drafter observatory, Trace explorer, Teach, Export,
+Library (every stored run, across sessions and restarts) and Sweeps (`declab sweep` results). Each page is a thin
+script over the app's modules (common, forms, jobs, render, exports); decoding lives in declab/ and strategies/,
+figures in viz/.
 """
 
 import streamlit as st
@@ -19,6 +20,7 @@ pages = [
     st.Page("views/teach.py", title="Teach", icon=":material/school:", url_path="teach"),
     st.Page("views/export.py", title="Export", icon=":material/download:", url_path="export"),
     st.Page("views/library.py", title="Library", icon=":material/library_books:", url_path="library"),
+    st.Page("views/sweeps.py", title="Sweeps", icon=":material/grid_view:", url_path="sweeps"),
 ]
 page = st.navigation(pages)
 sidebar = st.sidebar.empty()

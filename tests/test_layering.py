@@ -41,7 +41,8 @@ ALLOWED = {
     "tests": {"declab.core", "declab.models", "declab.run", "interface", "viz", "strategies", "app", "bench",
               "tools", "declab.sweep"},
 }
-NO_LOCAL_IMPORTS = ("declab.core", "declab.models", "declab.run", "declab.sweep", "interface", "strategies", "viz", "app", "tools",
+NO_LOCAL_IMPORTS = ("declab.core", "declab.models", "declab.run", "declab.sweep",
+                    "interface", "strategies", "viz", "app", "tools",
                     "bench")
 
 

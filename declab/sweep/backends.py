@@ -57,12 +57,11 @@ def run_inline(settings: Settings, runs, load=None):
 def _worker_main(tasks, results, threads: int, parent: int) -> None:  # pragma: no cover - runs in the child
     signal.signal(signal.SIGINT, signal.SIG_IGN)           # Ctrl-C is the driver's: it ends the workers
     setup_worker(threads)
-    while True:
+    results.cancel_join_thread()                          # exiting never waits on a reader that is gone
+    while os.getppid() == parent:                          # the driver is gone (killed): do not linger
         try:
             item = tasks.get(timeout=1.0)
         except queue.Empty:
-            if os.getppid() != parent:                     # the driver is gone (killed): do not linger
-                return
             continue
         if item is None:
             return
