@@ -386,3 +386,46 @@ def test_parsing_refuses_bad_text_with_the_legal_values():
     assert parse_breakers("none") == ()
     with pytest.raises(UserError, match="JSON list of strings"):
         parse_breakers("[1, 2]")
+
+
+def brute_force_dry(ctx: list[int], allowed: int, breakers: dict) -> dict[int, int]:
+    """DRY's L(v) from its definition, O(n^2): rep_limit = tokens after the most recent breaker occurrence (head
+    plus its tail); for every earlier end position j, the common suffix length of ctx[:j+1] and ctx (capped at
+    rep_limit, never reaching back past the start); the token after j gets the largest such length >= allowed."""
+    n = len(ctx)
+    if n <= allowed:
+        return {}
+    rep_limit = n
+    for i in range(n):                          # i tokens from the end
+        pos = n - 1 - i
+        if ctx[pos] in breakers:
+            tails = [t for t in breakers[ctx[pos]] if len(t) <= i and list(t) == ctx[pos + 1:pos + 1 + len(t)]]
+            if tails:
+                rep_limit = i - max(len(t) for t in tails)
+                break
+    if rep_limit < allowed:
+        return {}
+    best: dict[int, int] = {}
+    for j in range(n - 1):
+        m = 0
+        while m <= j and ctx[j - m] == ctx[n - 1 - m]:
+            m += 1
+        m = min(m, rep_limit)
+        if m >= allowed and best.get(ctx[j + 1], -1) < m:
+            best[ctx[j + 1]] = m
+    return best
+
+
+def test_dry_z_algorithm_equals_the_definition_on_random_contexts():
+    """The reversed Z-algorithm port against the O(n^2) definition on 400 random contexts over small alphabets
+    (many repeats), with and without single- and multi-token breakers."""
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        ctx = rng.integers(0, 2 + trial % 4, size=int(rng.integers(1, 40))).tolist()
+        allowed = int(rng.integers(1, 4))
+        breakers = {} if trial % 3 == 0 else ({5: [()]} if trial % 3 == 1 else {0: [(1,)]})
+        if trial % 3 == 1:
+            ctx = [5 if rng.random() < 0.1 else t for t in ctx]
+        s = Dry(1.0, 1.75, allowed, -1, breakers, 8, "cpu")
+        s.reset(ctx)
+        assert s.max_repeats() == brute_force_dry(ctx, allowed, breakers), (ctx, allowed, breakers)
