@@ -13,6 +13,8 @@ gets its view whatever its name; add an entry here when a strategy lands (see "T
   distributions, EFG~(root) and the prefix trie (the gcd view steps aside for asap runs).
 - spec_tree (origin, round, depth on the token rows): viz.spec_tree; the draft tree of each round (slider),
   acceptance by depth, tokens per round against time.
+- sampler_chain (n_stages on the token rows, `stage` rows): viz.funnel; per step the candidates and the model mass
+  left after each stage of the llama.cpp chain (log axis).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from viz.two_model import ead_figure, speculative_figure
 from viz.spec_tree import spec_tree_figure
 from viz.uscd import contrastive_figure, uscd_figure
 from viz.superposed import superposed_figure
+from viz.funnel import funnel_figure
 
 
 def mirostat_figure(frame: pd.DataFrame, meta: dict | None = None) -> go.Figure | None:
@@ -114,6 +117,7 @@ MECHANISMS = {
     "speculative": (("origin", "round"), speculative_figure),
     "ead": (("rolling_entropy",), ead_figure),
     "spec_tree": (("origin", "round", "depth"), spec_tree_figure),
+    "sampler_chain": (("n_stages",), funnel_figure),
 }
 
 

@@ -11,6 +11,7 @@ import forms
 import jobs
 import render
 from declab.core.trace import BASE_COLUMNS
+from viz.funnel import stage_table
 
 st.title("Teach: one decoding step at a time")
 st.caption("At every step the model scores every token in its vocabulary; a decoding strategy turns those scores "
@@ -83,6 +84,18 @@ def why(row, cands: pd.DataFrame, strategy) -> str:
     return text
 
 
+def chain_steps(frame: pd.DataFrame, step: int) -> None:
+    """A sampler_chain step going through the chain stage by stage (viz.funnel.stage_table; token text as text)."""
+    table = stage_table(frame, step)
+    if table.empty:
+        return
+    st.markdown("**Through the sampler chain, stage by stage**")
+    st.caption("Each stage works on the candidates the previous one left (the first on the whole vocabulary). "
+               "'mass kept' is the model's own probability of what is left; 'removed' lists the model's top tokens "
+               "this stage removed as token (p under the model, p among this stage's input candidates).")
+    st.dataframe(table, hide_index=True, width="stretch")
+
+
 @st.fragment
 def stepper(rec) -> None:
     frame = rec.frame
@@ -153,6 +166,7 @@ def stepper(rec) -> None:
             st.markdown("**What the strategy recorded at this step**")
             shown = {"score": row.get("score"), **extra}
             st.dataframe(pd.DataFrame([{k: v for k, v in shown.items() if pd.notna(v)}]), hide_index=True)
+    chain_steps(frame if branch is None else frame[frame["branch_id"] == branch], step)
 
 
 if rec is None:
