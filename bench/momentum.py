@@ -10,10 +10,11 @@ k 5, cac238b table; contrastive search alpha 0.6, k 4) and nucleus sampling uses
 Metrics, on whitespace-split words of each generated text, as SimCTG's `measure_repetition_and_diversity`
 (used by both papers):
 - rep-n = 100 * (1 - sum over texts of unique n-grams / sum over texts of n-grams), n = 2, 3, 4 (lower = less
-  repetition inside a text);
+  repetition inside a text), n-grams counted as SimCTG's `eval_text` does: len - n per text (its loop leaves out
+  the n-gram that ends at the last word), not len - n + 1;
 - diversity = (1 - rep-2/100)(1 - rep-3/100)(1 - rep-4/100) * 100;
 - distinct-n (Li et al. 2016) = 100 * unique n-grams / n-grams over all texts together, n = 1, 2 (also counts
-  sameness across prompts).
+  sameness across prompts; every n-gram, len - n + 1 per text: SimCTG has no distinct-n).
 Speed: ms per generated token = the runs' total wall time (Run.run_to_end, tracing included) / total tokens
 (EOS steps counted), and its ratio to greedy's in this same run. Split from the traces: `fwd_ms` = mean forward
 time per token (the model: one row for greedy / momentum / nucleus, k rows for contrastive search) and
@@ -73,14 +74,22 @@ STRATEGIES = [("greedy", "greedy", {}),
 
 
 def ngrams(words: list[str], n: int) -> list[tuple]:
+    """Every n-gram of the words: len - n + 1 of them (distinct-n's count)."""
     return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
 
 
+def simctg_ngrams(words: list[str], n: int) -> list[tuple]:
+    """The n-grams SimCTG's `eval_text` counts: `while end_idx < len(token_list)` stops one short, so the n-gram
+    ending at the last word is left out: len - n of them."""
+    return [tuple(words[i:i + n]) for i in range(len(words) - n)]
+
+
 def rep_n(texts: list[str], n: int) -> float:
-    """SimCTG rep-n in percent: 100 * (1 - sum_texts |unique n-grams| / sum_texts |n-grams|)."""
+    """SimCTG rep-n in percent, exactly as `measure_repetition_and_diversity` counts (simctg_ngrams: the last
+    n-gram of each text left out): 100 * (1 - sum_texts |unique n-grams| / sum_texts |n-grams|)."""
     unique = total = 0
     for t in texts:
-        grams = ngrams(t.split(), n)
+        grams = simctg_ngrams(t.strip().split(), n)
         unique += len(set(grams))
         total += len(grams)
     return 100.0 * (1.0 - unique / total) if total else 0.0

@@ -46,7 +46,7 @@ import torch
 from declab.core import Config, ModelNeed, Needs, RunContext, RunGen, Strategy, param, register
 from declab.core.loop import Choice, Selector, token_loop
 from declab.core.metrics import ContrastMetrics
-from declab.core.sampling import sample_or_argmax
+from declab.core.sampling import draw, sample_or_argmax
 from strategies.two_model import named_model
 
 NEG_INF = float("-inf")
@@ -77,11 +77,12 @@ def add_candidates(ctx: RunContext, step: int, token: int, rows: list[dict]) -> 
                       token_text=lm.token_text(tid), accepted=(tid == token), **cols)
 
 
-def sample_reference(lpe: torch.Tensor, amateur_term: torch.Tensor, head: torch.Tensor, temperature: float,
-                     top_p: float, generator: torch.Generator) -> int:
-    """The reference's sampling step (`sample` with teacher_student): the expert's log-probs restricted to V_head
+def reference_warp(lpe: torch.Tensor, amateur_term: torch.Tensor, head: torch.Tensor, temperature: float,
+                   top_p: float) -> torch.Tensor:
+    """The reference's sampling scores (`sample` with teacher_student): the expert's log-probs restricted to V_head
     (EntrPLogitsWarper), then top-p on them (renormalised over V_head), then / temperature; the amateur term is added
-    after (score = warped expert - amateur), then one draw from the softmax. lpe, amateur_term: [V]; head: [V] bool."""
+    after (score = warped expert - amateur); the token is drawn from softmax of the result.
+    lpe, amateur_term: [V]; head: [V] bool -> [V]."""
     x = lpe.masked_fill(~head, NEG_INF).log_softmax(-1)                         # [V] log p_EXP renormalised on V_head
     if top_p < 1.0:
         # transformers' TopPLogitsWarper: drop the low tail whose cumulative mass is <= 1 - top_p (keep >= 1)
@@ -90,8 +91,7 @@ def sample_reference(lpe: torch.Tensor, amateur_term: torch.Tensor, head: torch.
         drop = cum <= (1 - top_p)
         drop[-1] = False
         x = x.masked_fill(drop.scatter(0, idx, drop), NEG_INF)
-    warped = x / temperature + amateur_term                                     # [V]
-    return int(torch.multinomial(warped.softmax(-1), 1, generator=generator))
+    return x / temperature + amateur_term                                       # [V]
 
 
 # ------------------------------------------------------------------------------------------------ CD
@@ -186,7 +186,7 @@ class ContrastSelector(Selector):
         raw = lpe - lpa if cfg.score == "log_ratio" else (1 + cfg.beta) * le - cfg.beta * la
         scores = raw.masked_fill(~head, NEG_INF)
         if cfg.warp == "expert" and cfg.temperature > 0:
-            token = sample_reference(lpe, raw - lpe, head, cfg.temperature, cfg.top_p, ctx.generator)
+            token = draw(reference_warp(lpe, raw - lpe, head, cfg.temperature, cfg.top_p), ctx.generator)
         else:
             token = choose(scores, cfg.temperature, cfg.top_p, ctx.generator)
         ctop = torch.topk(scores, k)

@@ -2,7 +2,9 @@
 
 Paper: Su, Lan, Wang, Yogatama, Kong, Collier, "A Contrastive Framework for Neural Text Generation" (NeurIPS 2022,
 arXiv 2202.06417; code yxuansu/SimCTG). Exact mechanics as in transformers 4.x `_contrastive_search` /
-`_ranking_fast` (in core up to 4.56; moved to the Hub in 4.57). Spec: docs/strategies.md#contrastive_search.
+`_ranking_fast` (in core up to 4.55.x; from 4.56 `generate(penalty_alpha=...)` forwards to the Hub repo
+transformers-community/contrastive-search, transformers PR #40428; the golden file tests/data/contrastive_search/
+golden.json was made with 4.55.4). Spec: docs/strategies.md#contrastive_search.
 
     x_t = argmax_{v in top-k(p)}  (1 - alpha) * p(v | x_<t)  -  alpha * max_{j < t} cos(h_v, h_j)
 

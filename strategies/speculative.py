@@ -32,12 +32,19 @@ Paper / reference symbol -> config field:
 Deviations, each on purpose:
 * SpecDec++ trains an acceptance-prediction head on the draft; we have none, so a_j is the draft's own
   probability of the token it drafted (its confidence), a training-free proxy. The stop rule is the paper's.
-* The confidence rule follows transformers: a token whose draft probability is below the threshold is still
-  proposed, and drafting stops after it.
+* The confidence rule follows transformers' stop rule: a token whose draft probability is below the threshold is
+  still proposed, and drafting stops after it. The threshold stays fixed: transformers (when scikit-learn is
+  installed, which it is not in this lab's environment) also re-tunes it online after every round, to the ROC
+  threshold that minimises fpr + 3 fnr over all drafted tokens so far (draft probability vs accepted), once more
+  than 5 are seen with both outcomes (`AssistedCandidateGenerator.update_candidate_strategy`). Left out on
+  purpose: a fixed threshold is the rule the mechanism view can show, and the re-tuned one is a moving target.
 * ADED's table is built from the prompt and every emitted (target-verified) token, with bigram back-off; ADED's
   MCTS draft search and its corpus-level table are left out. Drafts follow the most frequent continuation (the most
   recent on ties). Prompt lookup follows transformers' PromptLookupCandidateGenerator: the longest trailing n-gram
-  (n = ngram_size .. 1) found earlier in the context, first match, and the tokens that followed it.
+  (n = ngram_size .. 1, default 2 as transformers' max_matching_ngram_size) found earlier in the context, first
+  match, and the tokens that followed it, cut before the first EOS (`prompt_lookup_eos = cut`, transformers; `keep`
+  drafts the EOS as well). transformers' check of the copied tokens against its logits processors is not needed
+  here (no processors).
 * Model-free drafters are deterministic, so q is a point mass on the drafted token: accept with probability
   p(x~), resample from p without x~ (renormalised) on rejection. This is exact speculative sampling for that q.
 
@@ -99,7 +106,12 @@ class SpeculativeConfig(Config):
                                                            ">0 = speculative sampling at this temperature.")
     top_k: int = param(0, lo=0, hi=1_000_000, help="Top-k warper on both p and q (0 = off).")
     top_p: float = param(1.0, lo=0.0, hi=1.0, lo_open=True, help="Top-p warper on both p and q (1 = off).")
-    ngram_size: int = param(3, lo=1, hi=8, help="prompt_lookup: the longest trailing n-gram matched.")
+    ngram_size: int = param(2, lo=1, hi=8, help="prompt_lookup: the longest trailing n-gram matched (transformers' "
+                                               "max_matching_ngram_size default: 2).")
+    prompt_lookup_eos: str = param("cut", choices=("cut", "keep"),
+                                   help="prompt_lookup: cut = the copied draft ends before its first EOS (transformers'"
+                                        " setting; an EOS-only draft drafts nothing); keep = draft up to and including "
+                                        "the EOS.")
     measure_speedup: bool = param(True, help="After the run, time target-only decoding of the same length and report "
                                              "the speedup (adds that run's time).")
 
@@ -166,8 +178,8 @@ class PromptLookupDrafter:
 
     name = "prompt_lookup"
 
-    def __init__(self, ngram_size: int, eos_ids):
-        self.ngram_size, self.eos_ids = ngram_size, eos_ids
+    def __init__(self, ngram_size: int, eos_ids, cut_at_eos: bool = False):
+        self.ngram_size, self.eos_ids, self.cut_at_eos = ngram_size, eos_ids, cut_at_eos
 
     def propose(self, seq: list[int], gamma: int, keep_going) -> tuple[list[Proposal], int]:
         for n in range(min(self.ngram_size, len(seq) - 1), 0, -1):
@@ -176,6 +188,10 @@ class PromptLookupDrafter:
                 if seq[start:start + n] == tail:
                     cont = seq[start + n: start + n + gamma]
                     if cont:
+                        if self.cut_at_eos:
+                            # transformers: chosen_ids[:first_eos]; the first match stands even if nothing is left
+                            cut = next((i for i, t in enumerate(cont) if t in self.eos_ids), len(cont))
+                            return _point_masses(cont[:cut], self.eos_ids), 0
                         return _point_masses(cont, self.eos_ids), 0
         return [], 0
 
@@ -265,7 +281,7 @@ class Speculative(Strategy):
         if d == "ngram":
             return NgramDrafter(ctx.lm.eos_ids)
         if d == "prompt_lookup":
-            return PromptLookupDrafter(cfg.ngram_size, ctx.lm.eos_ids)
+            return PromptLookupDrafter(cfg.ngram_size, ctx.lm.eos_ids, cfg.prompt_lookup_eos == "cut")
         return ModelDrafter(ctx.model("draft"), cfg, ctx.generator, ctx.lm.eos_ids)
 
     def run(self, ctx: RunContext, cfg: SpeculativeConfig) -> RunGen:

@@ -42,15 +42,20 @@ def sample_grid(n: int, points: int = KL_POINTS) -> list[int]:
 
 
 def kl_curve(keys: list, target: dict, grid: list[int] | None = None) -> list[dict]:
-    """Per n in grid: KL(empirical of the complete samples among the first n || target) and the same over the
-    last ceil(n/4) samples (the paper's sliding window), plus the support size and incomplete count."""
+    """Per n in grid: KL(empirical of the complete samples among the first n || target); `kl_window` the same over
+    the last ceil(n/4) samples (a window that grows with n); `kl_fixed` the reference plot's window
+    (transformers-GAD scripts/plot/plot.py `count_appearance_all`): a FIXED width W = N // 4 of the run's N samples,
+    the W samples ending at n (its curve's point i = n - W - 1; defined for n > W, NaN before); plus the
+    incomplete count."""
     grid = grid or sample_grid(len(keys))
+    width = len(keys) // 4
     rows = []
     for n in grid:
         first = keys[:n]
         window = keys[n - math.ceil(n / 4): n]
+        fixed = _kl_of(keys[n - width: n], target) if width and n > width else float("nan")
         rows.append({"samples": n, "kl": _kl_of(first, target), "kl_window": _kl_of(window, target),
-                     "incomplete": sum(k is None for k in first)})
+                     "kl_fixed": fixed, "incomplete": sum(k is None for k in first)})
     return rows
 
 

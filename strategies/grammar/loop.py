@@ -31,7 +31,8 @@ ln q(token), what was actually sampled from. Up to `num_alternatives` `candidate
 tokens with the largest q. One `finish` row per sample: `score` = ln P(w) (EOS included), `final_rank` = sample
 index (samples stay in the order drawn), `complete`, `length`, `efg_root`, `trie_nodes`. After sampling: `kl` rows
 (`samples` = n, `kl` = KL(empirical of the first n complete samples || target) in nats, `kl_window` = the same
-over the last ceil(n/4) samples as the paper's plot, `exact`, `support`, `incomplete`; strategies/grammar/
+over the last ceil(n/4) samples, `kl_fixed` = over the reference plot's fixed window of N//4 samples ending at n,
+`exact`, `support`, `incomplete`; strategies/grammar/
 kl_curves.py), `target` rows (one per sequence of the target: `seq` ids, `q`, `q_gcd` (exact mode), `p_w` = P(w),
 `count`), and `node` rows (the trie: `node_id`, `node_parent`, `depth`, `p`, `efg` (asap), `visits`, `dead`);
 these three kinds have no step.
