@@ -15,7 +15,20 @@ Paper symbol -> config field: alpha -> alpha (0.1); the student temperature tau 
 by the log_ratio form only; the logit form of O'Brien & Lewis uses raw logits); beta -> beta (0.5, logit form
 only; the log_ratio form has the amateur coefficient 1, i.e. Li et al. exactly); score form -> score.
 Deviation: the paper searches the CD objective with beam search (beam 5); here it is a per-token rule (greedy or
-sampled) so the trace shows each decision; run it inside a beam search is left out.
+sampled) so the trace shows each decision; run it inside a beam search is left out. (The reference's num_beam=1
+greedy path applies no plausibility head at all: relative_top is None there; the head comes with beam search and
+sampling. We always apply it.)
+
+The reference's settings (XiangLi1999/ContrastiveDecoding `run_generation.py`, its own transformers fork):
+* `amateur_context`: the paper's results were made with `--ignore_prefix yes` (the script's default, marked
+  "IMPORTANT", and what submit_decoding.py passes): the amateur's prepare_inputs keeps only the last token, so it
+  reads the prompt's LAST token and then the generation, as a fresh sequence (positions from 0, no mask). That is
+  `amateur_context = last_token`, the setting that reproduces the paper; `full` (default here, as the README's
+  single-prompt example `--ignore_prefix no`) gives the amateur the whole prompt.
+* `warp` (sampling only): the reference warps the expert alone: EntrPLogitsWarper (V_head, log-probs), top-p, then
+  / temperature, and only then subtracts st_coef x the amateur's logits / student temperature, softmax, one draw
+  (`warp = expert`, `reference_warp`). Default here `score`: temperature and top-p apply to the CD score itself
+  (softmax(score / T) after top-p on it), so T scales the whole objective; with T = 1 and top_p = 1 both coincide.
 
 Amateur vocabulary: an amateur whose head covers part of the vocabulary only (the embedded draft keeps 16k of 49k
 tokens, FR-Spec) gives -inf logits outside it; those tokens get its lowest logit there instead, so an expert-plausible

@@ -34,6 +34,12 @@ Deviations from the reference, and why:
   finished pool holds k drafts and every alive draft's LP is below the worst finished LP (an alive draft can still
   win on pseudo-perplexity by growing longer, so this is a heuristic; turn it off for reference behaviour). With
   k = 1 it makes a greedy run that ends in EOS end there too.
+- p~ as the reference computes it (`float32_exclusion`, on by default): the reference takes softmax(logits / tau)
+  in float32 over the whole vocabulary and keeps its top n_tok entries; with tau = 0.06 a top token more than
+  ~104 nats below the best (6.2 logits) has probability exactly 0 there, so ln p~ = -inf and it is excluded (its
+  n-gram term is masked to 0 too). Our ln p~ is a float64 log_softmax over the n_tok kept logits, which would keep
+  such a token at ln p~ ~ -104 or below; the exclusion is applied from the float32 softmax itself, token for
+  token. Off: the float64 values stand.
 - Ties in the pair ranking break to the lower (draft, token-rank) index (stable sort), so runs are reproducible.
 - Batch size 1 (one prompt), see docs/strategies.md#superposed; no `still_prompt`/`is_first` masks are needed.
 
