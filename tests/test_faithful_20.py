@@ -273,3 +273,28 @@ def test_grammar_kl_fixed_window_is_the_reference_plot():
         ref = sum(v / tot * math.log(v / tot / target[k]) for k, v in c.items() if v)
         assert rows[i + interval + 1]["kl_fixed"] == pytest.approx(ref, abs=1e-12)
     assert all(math.isnan(rows[n]["kl_fixed"]) for n in range(1, interval + 1))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.parametrize("strategy,setting,bad", [
+    ("uscd", "lame_padding=eos", "lame_padding=left"),
+    ("contrastive", "amateur_context=last_token", "amateur_context=prefix"),
+    ("superposed", "float32_exclusion=false", "float32_exclusion=maybe"),
+    ("mirostat", "v1_rule=figure", "v1_rule=paper"),
+    ("speculative", "prompt_lookup_eos=keep", "prompt_lookup_eos=drop"),
+])
+def test_cli_takes_the_reference_settings_and_names_the_legal_values(fake_registry, tmp_path, capsys, strategy,
+                                                                     setting, bad):
+    from declab.cli import main as cli_main
+    extra = ["--set", "draft=prompt_lookup", "--set", "measure_speedup=false"] if strategy == "speculative" else []
+    extra += ["--set", "alpha=0"] if strategy == "superposed" else []
+    args = ["run", "--model", "fake", "--strategy", strategy, "--prompt", " the cat sat on the mat", "--max-new-tokens",
+            "4", "--quiet", *extra]
+    assert cli_main(args + ["--set", setting, "--csv", str(tmp_path / "r.csv")]) == 0
+    meta = json.loads((tmp_path / "r.meta.json").read_text())
+    key, value = setting.split("=")
+    assert str(meta["params"][key]).lower() == value
+    capsys.readouterr()
+    assert cli_main(args + ["--set", bad]) == 2
+    err = capsys.readouterr().err
+    assert key in err and len(err.strip().splitlines()) == 1
