@@ -14,6 +14,11 @@ in the model's chat template. uscd's lame prompt is the same message with the do
 (temperature 0, every other parameter at the published run's default: threshold 0.8 = T 0.005 at V 32016, gamma
 0.6667, weights 1.0 / -0.7), so both are deterministic and pass@1 is one sample per problem.
 
+Issue 19 adds `cautious` (CNTP at its published settings: temperature 0.8, top-p 0.95, top-k 50, N_max 10, H_low
+0.01, H_high 1.5; one sample at seed 0, so its pass@1 is one draw) and `adadec` (greedy with pauses at the tau
+fitted for the embedded model by bench/adadec_threshold.py, B 3, L 5; deterministic); rows carry their
+`intervention_rate`.
+
 Code extraction: the first ```python (or ```) block of the reply, else the whole reply; the prompt's import lines
 are put before it (the model often drops `from typing import List`). Generation stops at max_new_tokens, at EOS, or
 as soon as the reply has closed its first code block (same rule for both strategies; the rest would not be used).
@@ -53,7 +58,8 @@ def generate(lm, strategy: str, params: dict, text: str, max_new_tokens: int, la
     return res.sequences[0].text, len(res.sequences[0].token_ids), wall, res.meta["metrics"]
 
 
-STRATEGY_PARAMS = {"greedy": {}, "uscd": {"temperature": 0.0}, "contrastive": {"temperature": 0.0}}
+STRATEGY_PARAMS = {"greedy": {}, "uscd": {"temperature": 0.0}, "contrastive": {"temperature": 0.0},
+                   "cautious": {}, "adadec": {}}      # issue 19: the published settings (cautious samples, seed 0)
 # issue 20: the reference repositories' settings (greedy, so pass@1 stays one deterministic sample): uscd_ref = the
 # reference's lame row (EOS right-padding, attended) and its own lame prompts (tests/data/uscd/human_eval_neg.jsonl,
 # in the same chat message); contrastive_ref = the amateur reads only the prompt's last token (--ignore_prefix yes)
@@ -95,7 +101,8 @@ def main(argv=None) -> int:
             passed, why = execute(program(prob, extract_code(reply)))
             row = {"task_id": prob["task_id"], "strategy": name, "passed": passed, "why": why, "tokens": n_tok,
                    "wall_s": round(wall, 3), "contrast_fraction": metrics.get("contrast_fraction"),
-                   "flips": metrics.get("flips"), "reply": reply}
+                   "flips": metrics.get("flips"), "intervention_rate": metrics.get("intervention_rate"),
+                   "reply": reply}
             rows.append(row)
             print(f"{prob['task_id']:>14} {name:>7} {'PASS' if passed else 'fail':>4} {n_tok:4d} tok "
                   f"{wall:6.1f} s  {why[:60]}", flush=True)

@@ -15,6 +15,8 @@ gets its view whatever its name; add an entry here when a strategy lands (see "T
   acceptance by depth, tokens per round against time.
 - sampler_chain (n_stages on the token rows, `stage` rows): viz.funnel; per step the candidates and the model mass
   left after each stage of the llama.cpp chain (log axis).
+- cautious / adadec (intervened + num_trials / greedy_token): viz.uncertainty; the entropy timeline with the steps
+  where the gate fired and its threshold, and the trials / lookahead candidates compared there.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from viz.spec_tree import spec_tree_figure
 from viz.uscd import contrastive_figure, uscd_figure
 from viz.superposed import superposed_figure
 from viz.funnel import funnel_figure
+from viz.uncertainty import adadec_figure, cautious_figure
 
 
 def mirostat_figure(frame: pd.DataFrame, meta: dict | None = None) -> go.Figure | None:
@@ -118,6 +121,8 @@ MECHANISMS = {
     "ead": (("rolling_entropy",), ead_figure),
     "spec_tree": (("origin", "round", "depth"), spec_tree_figure),
     "sampler_chain": (("n_stages",), funnel_figure),
+    "cautious": (("intervened", "num_trials"), cautious_figure),
+    "adadec": (("intervened", "greedy_token"), adadec_figure),
 }
 
 
