@@ -19,6 +19,10 @@ Issue 19 adds `cautious` (CNTP at its published settings: temperature 0.8, top-p
 fitted for the embedded model by bench/adadec_threshold.py, B 3, L 5; deterministic); rows carry their
 `intervention_rate`.
 
+Issue 20 adds the reference repositories' settings as variants, greedy like the rest: `uscd_ref` (the USCD
+reference's lame row, `lame_padding=eos`, and its own lame prompts, tests/data/uscd/human_eval_neg.jsonl, in the same
+chat message) and `contrastive_ref` (`amateur_context=last_token`, the CD paper's --ignore_prefix yes).
+
 Code extraction: the first ```python (or ```) block of the reply, else the whole reply; the prompt's import lines
 are put before it (the model often drops `from typing import List`). Generation stops at max_new_tokens, at EOS, or
 as soon as the reply has closed its first code block (same rule for both strategies; the rest would not be used).
