@@ -23,7 +23,7 @@ from tests.fake import FakeLM
 # ------------------------------------------------------------------------------------------------ needs and plans
 def test_every_strategy_declares_its_inputs_and_needs_a_config_can_ask_for(fake_registry):
     strategies = load_strategies()
-    assert len(strategies) == 15
+    assert len(strategies) == 18             # issue 19 added sampler_chain, cautious, adadec
     roles = {name: s.roles for name, s in strategies.items() if s.roles}
     assert roles == {"speculative": ("draft",), "spec_tree": ("draft",), "ead": ("small",), "contrastive": ("amateur",)}
     assert {n for n, s in strategies.items() if s.takes_grammar} == {"gcd", "asap"}
