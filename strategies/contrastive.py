@@ -59,17 +59,18 @@ import torch
 from declab.core import Config, ModelNeed, Needs, RunContext, RunGen, Strategy, param, register
 from declab.core.loop import Choice, Selector, token_loop
 from declab.core.metrics import ContrastMetrics
-from declab.core.sampling import draw, sample_or_argmax
+from declab.core.sampling import draw, kept_count, sample_or_argmax
 from strategies.two_model import named_model
 
 NEG_INF = float("-inf")
 
 
 # ------------------------------------------------------------------------------------------------ shared pieces
-def choose(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+def choose(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+           ) -> tuple[int, torch.Tensor]:
     """Greedy (temperature 0: argmax, lowest id on ties) or one draw from softmax(scores / T) after top-p.
-    scores: [V] with -inf for excluded tokens (at least one finite)."""
-    return sample_or_argmax(scores, generator, temperature, top_p=top_p)[0]
+    scores: [V] with -inf for excluded tokens (at least one finite). Returns (token, the row drawn from [V])."""
+    return sample_or_argmax(scores, generator, temperature, top_p=top_p)
 
 
 def ranked(source: str, ids: list[int], values: list[float], column: str,
@@ -199,13 +200,15 @@ class ContrastSelector(Selector):
         raw = lpe - lpa if cfg.score == "log_ratio" else (1 + cfg.beta) * le - cfg.beta * la
         scores = raw.masked_fill(~head, NEG_INF)
         if cfg.warp == "expert" and cfg.temperature > 0:
-            token = draw(reference_warp(lpe, raw - lpe, head, cfg.temperature, cfg.top_p), ctx.generator)
+            dist = reference_warp(lpe, raw - lpe, head, cfg.temperature, cfg.top_p)      # [V]
+            token = draw(dist, ctx.generator)
         else:
-            token = choose(scores, cfg.temperature, cfg.top_p, ctx.generator)
+            token, dist = choose(scores, cfg.temperature, cfg.top_p, ctx.generator)
         ctop = torch.topk(scores, k)
         etop = torch.topk(lpe, k)
         # one host sync for every per-step number
-        stats = torch.stack([lpe.argmax().float(), head.sum().float(), lpa[token], scores[token]]).tolist()
+        stats = torch.stack([lpe.argmax().float(), head.sum().float(), lpa[token], scores[token],
+                             kept_count(dist, cfg.temperature).float()]).tolist()
         cids, cvals = ctop.indices.tolist(), ctop.values.tolist()
         eids, evals = etop.indices.tolist(), etop.values.tolist()
         plain, head_size = int(stats[0]), int(stats[1])
@@ -221,5 +224,6 @@ class ContrastSelector(Selector):
         ctx.metrics = ContrastMetrics(flips=self.flips, flip_fraction=round(self.flips / self.steps, 6),
                                       mean_head_size=round(self.head_total / self.steps, 4))
         return Choice(token, stats[3], {"ama_logprob": stats[2], "head_size": head_size,
-                                        "plain_token": plain, "flip": flip, "ama_fwd_ms": ama_ms},
+                                        "plain_token": plain, "flip": flip, "ama_fwd_ms": ama_ms,
+                                        "kept": int(stats[4])},
                       candidates=candidates, fwd_ms=ama_ms)

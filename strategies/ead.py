@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from declab.core.sampling import entropy_bits, sample_or_argmax
+from declab.core.sampling import entropy_bits, kept_count, sample_or_argmax
 from declab.core import Config, ModelNeed, Needs, Progress, RunContext, RunGen, Sequence, Strategy, param, register
 from declab.core.metrics import SwitchingMetrics
 from strategies.two_model import ModelState, model_params, named_model
@@ -122,7 +122,8 @@ class EAD(Strategy):
             logp = logits.log_softmax(-1)
             h = float(entropy_bits(logp))
             token, warped = sample_or_argmax(logits, ctx.generator, cfg.temperature, cfg.top_k, cfg.top_p)
-            score = float(warped.log_softmax(-1)[token])
+            score, kept = torch.stack([warped.log_softmax(-1)[token],
+                                       kept_count(warped, cfg.temperature).float()]).tolist()   # one host copy
             window.append(h)
             rolling = sum(window) / len(window)
             dwell += 1
@@ -130,7 +131,7 @@ class EAD(Strategy):
             trace.add("token", step, branch_id=0, parent_id=0, position=P + step, token_id=token,
                       token_text=lm.token_text(token), logprob=float(logp[token]), entropy=h, score=score,
                       model=state.lm.key, accepted=True, dt_ms=out.fwd_ms + lm.clock_ms() - t0, role=active,
-                      rolling_entropy=rolling, dwell=dwell, catch_up=catch_up, fwd_ms=out.fwd_ms)
+                      rolling_entropy=rolling, dwell=dwell, catch_up=catch_up, fwd_ms=out.fwd_ms, kept=int(kept))
             total_logprob += float(logp[token])
             if token in lm.eos_ids:
                 break

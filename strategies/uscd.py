@@ -80,7 +80,7 @@ from dataclasses import dataclass
 import torch
 
 from declab.core.errors import UserError
-from declab.core.sampling import entropy_bits
+from declab.core.sampling import entropy_bits, kept_count
 from declab.core import Config, Progress, RunContext, RunGen, Sequence, Strategy, param, register
 from declab.core.metrics import ContrastMetrics
 from strategies.contrastive import NEG_INF, add_candidates, choose, ranked
@@ -267,13 +267,13 @@ class USCD(Strategy):
             finite = bool(torch.isfinite(cscores).any()) if gate else True
             use_contrast = gate and finite
             scores = cscores if use_contrast else lp[0]
-            token = choose(scores, cfg.temperature, cfg.top_p, ctx.generator)
+            token, dist = choose(scores, cfg.temperature, cfg.top_p, ctx.generator)
             stops = torch.topk(lp[0], k)
             ltops = torch.topk(lp[1], k)
             ctops = torch.topk(cscores, k)
             stats = torch.stack([lp[0].argmax().float(), cscores.argmax().float(), sum_sq, ps.max(),
                                  entropy_bits(lp[0]), keep.sum().float(), ps[token], pl[token], lp[0, token],
-                                 scores[token]]).tolist()
+                                 scores[token], kept_count(dist, cfg.temperature).float()]).tolist()
             plain, ctok = int(stats[0]), int(stats[1])
             sel_ms = lm.clock_ms() - t0
             flip = token != plain
@@ -286,7 +286,8 @@ class USCD(Strategy):
                       score=stats[9] if math.isfinite(stats[9]) else None, model=lm.key, accepted=True,
                       dt_ms=out.fwd_ms + sel_ms, u_std=u_std, sum_sq=stats[2], p_max=stats[3], contrast=use_contrast,
                       keep_size=int(stats[5]), p_std=stats[6], p_lame=stats[7], plain_token=plain, flip=flip,
-                      contrast_token=ctok, fallback=gate and not finite, fwd_ms=out.fwd_ms, sel_ms=sel_ms)
+                      contrast_token=ctok, fallback=gate and not finite, fwd_ms=out.fwd_ms, sel_ms=sel_ms,
+                      kept=int(stats[10]))
             add_candidates(ctx, step, token,
                            ranked("standard", stops.indices.tolist(), stops.values.tolist(), "logprob") +
                            ranked("lame", ltops.indices.tolist(), ltops.values.tolist(), "logprob") +

@@ -258,6 +258,42 @@ def test_kept_counts_the_tokens_with_nonzero_probability():
     assert (miro.kept == miro.k).all() and (miro.kept > 1).any()
 
 
+def test_ead_records_kept_for_argmax_and_sampling(fake_registry):
+    from tests.fake import drafted_logits
+    V = 32
+    large, small = FakeLM(no_eos(hashed_logits(V))), FakeLM(no_eos(drafted_logits(V, 1.5)), key="fake-draft")
+    for params, expected in (({"temperature": 0.0}, 1), ({"temperature": 1.0, "top_k": 3}, 3)):
+        res = Run(large, RunRequest(model=large.key, strategy="ead", prompt=" the cat", params=params,
+                                    max_new_tokens=12, seed=0), models={"small": small}).run_to_end()
+        tokens = res.frame[res.frame.kind == "token"]
+        assert len(tokens) == 12 and (tokens.kept == expected).all()
+
+
+def test_contrastive_and_uscd_record_kept(fake_registry):
+    from tests.fake import drafted_logits
+    V = 32
+    expert, amateur = (FakeLM(no_eos(hashed_logits(V), -30.0)),
+                       FakeLM(no_eos(drafted_logits(V, 1.5), -30.0), key="fake-draft"))
+    for params in ({"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 1.0, "warp": "expert"}):
+        res = Run(expert, RunRequest(model=expert.key, strategy="contrastive", prompt=" the cat", params=params,
+                                     max_new_tokens=12, seed=0), models={"amateur": amateur}).run_to_end()
+        tokens = res.frame[res.frame.kind == "token"]
+        # sampling draws from the plausible head V_head (every head token has p > 0 here); the argmax from one
+        expected = 1 if params["temperature"] == 0 else tokens.head_size
+        assert len(tokens) == 12 and (tokens.kept == expected).all()
+    lm = FakeLM(no_eos(hashed_logits(V)))
+    for temperature in (0.0, 1.0):
+        res = Run(lm, RunRequest(model=lm.key, strategy="uscd", prompt=" the cat sat on the mat", max_new_tokens=12,
+                                 seed=0, params={"temperature": temperature, "top_p": 1.0})).run_to_end()
+        tokens = res.frame[res.frame.kind == "token"]
+        if temperature == 0:
+            assert (tokens.kept == 1).all()
+        else:                       # the contrast keeps at most the plausible set; otherwise the whole row
+            contrast = tokens.contrast.astype(bool)
+            assert (tokens.kept[contrast] <= tokens.keep_size[contrast]).all()
+            assert (tokens.kept[~contrast] == V).all() and (tokens.kept > 1).all()
+
+
 def test_record_token_folds_device_values_into_its_one_host_copy(fake_lm):
     from declab.core import RunContext
     from declab.core.loop import record_token

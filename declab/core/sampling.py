@@ -80,9 +80,10 @@ TOP_H_N = 100     # transformers' TopHLogitsWarper.top_n: only the 100 most like
 
 def top_h_filter(logits: torch.Tensor, top_h: float) -> torch.Tensor:
     """Top-H ("Top-H Decoding: Adapting the Creativity and Coherence with Bounded Entropy in Text Generation",
-    NeurIPS 2025, arXiv 2509.02510), as transformers' TopHLogitsWarper (0 = off; transformers' legal range (0, 1]). Over the TOP_H_N = 100 most likely tokens,
-    renormalised to q: tau = top_h * H(q); keep tokens in decreasing order while the running sum of -q ln q is
-    <= tau, the most likely token always. Tokens outside those 100 are removed. logits: [..., V]."""
+    NeurIPS 2025, arXiv 2509.02510), as transformers' TopHLogitsWarper (0 = off; transformers' legal range
+    (0, 1]). Over the TOP_H_N = 100 most likely tokens, renormalised to q: tau = top_h * H(q); keep tokens in
+    decreasing order while the running sum of -q ln q is <= tau, the most likely token always. Tokens outside those
+    100 are removed. logits: [..., V]."""
     if top_h <= 0.0:
         return logits
     n = min(TOP_H_N, logits.shape[-1])
@@ -210,9 +211,12 @@ def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: 
     return eta_filter(logits, eta)
 
 
-def kept_count(logits: torch.Tensor) -> torch.Tensor:
+def kept_count(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """The trace's `kept`: how many tokens have nonzero probability in softmax(logits) [..., V] -> [...] int64, left
-    on the device (fold it into a host copy the caller makes anyway)."""
+    on the device (fold it into a host copy the caller makes anyway). temperature 0 is `sample_or_argmax`'s argmax:
+    one token, whatever the row."""
+    if temperature == 0:
+        return torch.ones(logits.shape[:-1], dtype=torch.long, device=logits.device)
     return (logits.softmax(-1) > 0).sum(-1)
 
 

@@ -4,6 +4,9 @@ Columns every export has (BASE_COLUMNS), then strategy-specific columns in the o
 `kind` says what a row is: token, candidate, select, prune, propose, accept, reject, switch, mask, finish...
 Units: `logprob` natural log of the model's probability, `entropy` bits, `t_ms` milliseconds since the run
 started, `dt_ms` milliseconds this event took. Token trees are the (branch_id, parent_id, step) edges.
+Every `token` row of the per-token loop (declab/core/loop.py) also has `kept`: the number of tokens with nonzero
+probability in the distribution the token was chosen from (1 for an argmax; after the whole warper chain for a
+sampler), as do ead's, uscd's and contrastive's token rows.
 
 Exports:
 - CSV: spreadsheet-safe and still exact. Text cells are quoted; a text cell that a spreadsheet would run as a
