@@ -64,6 +64,7 @@ BENCH = [
     Row("sample top_p 0.9", "sample", {"temperature": 1.0, "top_p": 0.9}),
     Row("mirostat v1 tau 3", "mirostat", {"version": 1, "tau": 3.0}),
     Row("mirostat v2 tau 3", "mirostat", {"version": 2, "tau": 3.0}),
+    Row("sampler_chain", "sampler_chain"),            # llama.cpp's default chain and parameters
     Row("momentum", "momentum"),
     Row("contrastive_search", "contrastive_search"),
     Row("beam 4", "beam", {"num_beams": 4}),
@@ -144,6 +145,8 @@ def headline(row: Row, res, by_label: dict, greedy_ids: list[int]) -> str:
         return f"first {same} of {len(greedy_ids)} tokens equal float32 greedy's"
     if row.strategy == "mirostat":
         return f"mean surprise {tokens.surprise.mean():.2f} bits (tau {row.params['tau']:g})"
+    if row.strategy == "sampler_chain":
+        return f"median {tokens.kept.median():.0f} tokens kept after the chain"
     if row.strategy in ("momentum", "contrastive_search", "greedy", "sample"):
         return f"rep-2 {rep_n(ids):.1f}%"
     if row.strategy == "superposed" and greedy_tok:
@@ -278,7 +281,7 @@ def main(argv=None) -> int:
     if "generate sample" in table:                        # the targets: sampling-type rows within 1.15x
         result["vs_generate_sample"] = {label: round(t["ms_per_token"] / table["generate sample"]["ms_per_token"], 3)
                                         for label, t in table.items()
-                                        if t["strategy"] in ("sample", "mirostat")}
+                                        if t["strategy"] in ("sample", "mirostat", "sampler_chain")}
     if not args.no_cold:
         result.update(load_times())
     RESULTS.mkdir(exist_ok=True)

@@ -104,35 +104,40 @@ def parse_breakers(text: str) -> tuple[str, ...]:
 @dataclass
 class Cands:
     """llama.cpp's candidate array. ids [n] long, logits [n] float32, present [n] bool, p0 [n] (the model's own
-    probability of each entry); `identity`: ids == arange(V) (the full vocabulary in id order)."""
+    probability of each entry); `identity`: ids == arange(V) (the full vocabulary in id order); `dense`: every
+    entry is present (known without looking: no stage has removed one yet), which spares the masking passes."""
 
     ids: torch.Tensor
     logits: torch.Tensor
     present: torch.Tensor
     p0: torch.Tensor
     identity: bool = False
+    dense: bool = False
 
     @staticmethod
     def full(logits: torch.Tensor, p0: torch.Tensor) -> "Cands":
         V = logits.shape[-1]
         return Cands(torch.arange(V, device=logits.device), logits, torch.ones(V, dtype=torch.bool,
-                                                                                device=logits.device), p0, True)
+                                                                                device=logits.device), p0, True, True)
 
     def take(self, idx: torch.Tensor) -> "Cands":
         """The entries at positions idx [m], in that order."""
-        return Cands(self.ids[idx], self.logits[idx], self.present[idx], self.p0[idx], False)
+        return Cands(self.ids[idx], self.logits[idx], self.present[idx], self.p0[idx], False, self.dense)
 
     def replace(self, logits: torch.Tensor | None = None, present: torch.Tensor | None = None) -> "Cands":
         return Cands(self.ids, self.logits if logits is None else logits,
-                     self.present if present is None else present, self.p0, self.identity)
+                     self.present if present is None else present, self.p0, self.identity,
+                     self.dense and present is None)
 
     def masked(self) -> torch.Tensor:
         """Logits with absent entries at -inf. [n]"""
-        return self.logits.masked_fill(~self.present, NEG_INF)
+        return self.logits if self.dense else self.logits.masked_fill(~self.present, NEG_INF)
 
     def sort_key(self) -> torch.Tensor:
         """Descending-sort key: the logit, a present -inf entry just above every absent one (it is still in
         llama.cpp's array). [n]"""
+        if self.dense:
+            return self.logits
         return torch.where(self.present, self.logits.clamp(min=-FLT_MAX), NEG_INF)
 
     def probs(self) -> torch.Tensor:
@@ -141,7 +146,8 @@ class Cands:
 
     def alive(self) -> torch.Tensor:
         """Entries with nonzero probability: present with a finite logit. [n] bool"""
-        return self.present & (self.logits > NEG_INF)
+        finite = self.logits > NEG_INF
+        return finite if self.dense else self.present & finite
 
     def size(self) -> torch.Tensor:
         """cur_p->size: the present entries, -inf ones included. 0-d"""
@@ -226,7 +232,7 @@ class Penalties(Sampler):
             self.accept(t)
 
     def accept(self, token):
-        if self.last_n == 0:
+        if self.off:                                    # nothing would ever read the window
             return
         self.counts[token] += 1
         if self.last_n > 0 and len(self.window) >= self.last_n:

@@ -149,6 +149,17 @@ def build_chain(cfg: SamplerChainConfig, lm, generator: torch.Generator) -> list
     return chain
 
 
+def track(c: Cands, values: torch.Tensor, tracked: torch.Tensor, fill) -> torch.Tensor:
+    """values [n] of the candidate list at the tracked token ids [N] (fill where a token is not in the list): an
+    index on the full vocabulary in id order, else an id match ([N, n]; n is k after top_k)."""
+    if c.identity:
+        return values[tracked]
+    match = c.ids.unsqueeze(0) == tracked.unsqueeze(1)                               # [N, n]
+    if values.dtype == torch.bool:
+        return (match & values.unsqueeze(0)).any(1)
+    return torch.where(match, values.unsqueeze(0), fill).amax(1)
+
+
 class Chain(Selector):
     """One run's sampler chain as a selector (docs/strategies.md#sampler_chain): the samplers' state (penalty and
     DRY windows) is per run; `accept` feeds every sampler the emitted token, as llama_sampler_chain_accept."""
@@ -160,6 +171,7 @@ class Chain(Selector):
         self.samplers = build_chain(cfg, ctx.lm, ctx.generator)
         self.generator = ctx.generator
         self.n_tracked = min(max(ctx.num_alternatives, TRACKED), ctx.lm.vocab_size)
+        self._full = None                     # (arange(V), ones(V)): the full list's ids and flags, made once
 
     def reset(self) -> None:
         for s in self.samplers:
@@ -171,40 +183,42 @@ class Chain(Selector):
 
     def apply(self, logits: torch.Tensor, step: int) -> Choice:
         logits = logits.float()                                                      # [V]
-        V = logits.shape[0]
         logp0 = torch.log_softmax(logits, -1)                                        # [V] the model's distribution
-        c = Cands.full(logits, logp0.exp())
+        V = logits.shape[0]
+        if self._full is None or self._full[0].shape[0] != V:
+            self._full = (torch.arange(V, device=logits.device), torch.ones(V, dtype=torch.bool, device=logits.device))
+        c = Cands(self._full[0], logits, self._full[1], logp0.exp(), True, True)     # the whole vocabulary
         tracked = torch.topk(logp0, self.n_tracked).indices                          # [N]
+        alive = c.alive()                                                            # [V]
+        count, mass, alive_tr = alive.sum().float(), logits.new_tensor(1.0), alive[tracked]
         counts, masses, alive_t, p_in_t, stats = [], [], [], [], []
-        prev_alive = torch.ones(self.n_tracked, dtype=torch.bool, device=logits.device)
-        zeros_t = torch.zeros(self.n_tracked, device=logits.device)
+        no_p = torch.zeros(self.n_tracked, device=logits.device)
         for i, s in enumerate(self.samplers):
             c_in = c
             c, st = s.apply(c_in)
             stats += [(i, k, v) for k, v in st.items()]
-            if c is c_in and counts:                                                 # a no-op: nothing changed
-                counts.append(counts[-1])
-                masses.append(masses[-1])
-                alive_t.append(prev_alive)
-                p_in_t.append(zeros_t)
-                continue
-            alive = c.alive()                                                        # [n]
-            counts.append(alive.sum().float())
-            masses.append((c.p0 * alive).sum())
-            dense = torch.zeros(V, dtype=torch.bool, device=logits.device).index_put((c.ids,), alive)    # [V]
-            prev_alive = dense[tracked]                                              # [N]
-            alive_t.append(prev_alive)
-            l_in = c_in.masked()                                                     # [n_in]
-            dense_l = torch.full((V,), float("-inf"), device=logits.device).index_put((c_in.ids,), l_in)  # [V]
-            p_in_t.append((dense_l[tracked] - torch.logsumexp(l_in, 0)).exp())       # [N]
+            if c is not c_in:                                                        # a no-op changes nothing
+                alive = c.alive()                                                    # [n]
+                count, mass = alive.sum().float(), (c.p0 * alive).sum()
+                alive_tr = track(c, alive, tracked, False)                           # [N]
+                if c_in.logits is logits:                                            # the model's own row
+                    p_in = c_in.p0[tracked]
+                else:
+                    l_in = c_in.masked()                                             # [n_in]
+                    p_in = (track(c_in, l_in, tracked, float("-inf")) - torch.logsumexp(l_in, 0)).exp()  # [N]
+            else:
+                p_in = no_p
+            counts.append(count)
+            masses.append(mass)
+            alive_t.append(alive_tr)
+            p_in_t.append(p_in)
         pos, score = draw(c, self.generator)
         token = c.ids[pos]
-        dense_p = torch.zeros(V, device=logits.device).index_put((c.ids,), c.probs())  # [V]
-        S = len(self.samplers)
         final_alive = c.alive()
+        S = len(self.samplers)
         parts = [token.double().reshape(1), score.double().reshape(1),
                  final_alive.sum().double().reshape(1), (c.p0 * final_alive).sum().double().reshape(1),
-                 tracked.double(), logp0[tracked].double(), dense_p[tracked].double()]
+                 tracked.double(), logp0[tracked].double(), track(c, c.probs(), tracked, 0.0).double()]
         if S:
             parts += [torch.stack(counts).double(), torch.stack(masses).double(),
                       torch.stack(alive_t).double().flatten(), torch.stack(p_in_t).double().flatten()]
