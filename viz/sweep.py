@@ -43,7 +43,7 @@ def with_params(df: pd.DataFrame) -> pd.DataFrame:
         for k in p:
             names.setdefault(k)
     for k in names:
-        out[PREFIX + k] = [p.get(k) for p in parsed]
+        out[PREFIX + k] = pd.Series([p.get(k) for p in parsed], index=out.index, dtype=object)   # values as given
     out["setting"] = [f"{s} " + " ".join(f"{k}={v}" for k, v in p.items()) if p else str(s)
                       for s, p in zip(out["strategy"], parsed)]
     return out
