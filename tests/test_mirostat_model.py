@@ -16,6 +16,9 @@ shared. A row's logits differ from a B = 1 forward's by float rounding only, so 
 model as much as before (not the same random stream as a B = 1 run: seeds are just seeds). Why 256 measured tokens
 stay: the mean of S over a window is exactly tau + (mu at its start - mu at its end) / (eta * length), so the test
 bounds mu's drift over the window by 0.1 * tau * 256 = 77 bits (tau 3); fewer tokens would loosen that bound.
+Measured under the heavy-job lock (2 cores, model load included): the file took 253 s as 12 separate runs and takes
+59 s batched. Seen batched (seeds 0 / 1 / 2): v1 tau 3: 3.05 / 2.95 / 3.08, tau 5: 5.15 / 5.00 / 5.10; v2 tau 3:
+2.47 / 2.98 / 2.98, tau 5: 5.25 / 4.48 (EOS after 257 tokens) / 4.94.
 
 Prompt: mirostat can only hold tau between the surprise of the model's top token and that of sampling everything.
 On this forum-thread prompt pure sampling gives 5.7-7.0 bits per token (seeds 0-2, measured here) and no early EOS,
