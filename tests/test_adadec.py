@@ -82,7 +82,7 @@ def reference(lm, prompt_ids, n, tau, B=3, L=5, stop="none"):
 
 def test_pause_reranks_to_the_lookahead_best(fake_registry):
     lm = FakeLM(script)
-    res = run(lm, n=6)
+    res = run(lm, n=6, tau=1.0)                        # the script's uncertain step has H = 1.03 nats
     tok, f = tokens(res), res.frame
     assert lm.decode(tok.token_id.tolist()) == " cat dog ran. the cat"
     # step 0 (" the" -> " cat", H = 0) is greedy; step 1 (H of 0.5/0.3/0.2) pauses and flips to " dog"
@@ -110,7 +110,7 @@ def test_pause_reranks_to_the_lookahead_best(fake_registry):
 
 def test_rollouts_are_branches_with_the_models_own_logprobs(fake_registry):
     lm = FakeLM(script)
-    res = run(lm, n=6)
+    res = run(lm, n=6, tau=1.0)                        # the script's uncertain step has H = 1.03 nats
     f, tok = res.frame, tokens(res)
     context = lm.encode_prompt(" the", "raw") + tok.token_id.tolist()
     P = len(lm.encode_prompt(" the", "raw"))
