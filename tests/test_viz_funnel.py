@@ -67,3 +67,12 @@ def test_token_text_in_the_table_is_plain_text(frame):
     cell = " ".join(stage_table(hostile, 0)["removed (top tokens)"])
     assert "'<script>alert(1)</script>↵'" in cell          # shown as text in st.dataframe, newline made visible
     assert isinstance(pd.DataFrame(stage_table(hostile, 0)), pd.DataFrame)
+
+
+def test_stage_rows_round_trip_through_csv_and_parquet(frame, tmp_path):
+    from declab.core.trace import column_dtypes, read_trace, write_csv, write_parquet
+    write_csv(frame, tmp_path / "t.csv")
+    write_parquet(frame, tmp_path / "t.parquet")
+    for back in (read_trace(tmp_path / "t.csv", column_dtypes(frame)), read_trace(tmp_path / "t.parquet")):
+        assert stage_table(back, 3).equals(stage_table(frame, 3))
+        assert back[back.kind == "stage"]["n_kept"].tolist() == frame[frame.kind == "stage"]["n_kept"].tolist()
