@@ -8,12 +8,22 @@ figures in viz/.
 
 import streamlit as st
 
-st.set_page_config(page_title="declab", page_icon=":material/science:", layout="wide")
+# an emoji page icon is drawn in the browser (a `:material/...:` one is fetched from a font CDN)
+st.set_page_config(page_title="declab", page_icon="🧪", layout="wide")
 
 import jobs  # noqa: E402  (app/ is on sys.path: Streamlit adds the main script's folder)
 
+run_page = st.Page("views/run.py", title="Run", icon=":material/play_arrow:", url_path="run")
+
+
+def landing() -> None:
+    """The app's root URL opens the Run page at /run (Streamlit serves a default page only at the root)."""
+    st.switch_page(run_page)
+
+
 pages = [
-    st.Page("views/run.py", title="Run", icon=":material/play_arrow:", url_path="run", default=True),
+    st.Page(landing, title="declab", url_path="home", default=True, visibility="hidden"),
+    run_page,
     st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
     st.Page("views/drafters.py", title="Drafter observatory", icon=":material/account_tree:", url_path="drafters"),
     st.Page("views/trace_explorer.py", title="Trace explorer", icon=":material/query_stats:", url_path="explorer"),

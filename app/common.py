@@ -43,6 +43,20 @@ K_NOTICE = "declab_notice"            # messages to show once after a batch is c
 K_COUNTER = "declab_counter"
 
 
+# ---------------------------------------------------------------------------------------------- plain text
+MARKDOWN_PUNCTUATION = set("\\`*_{}[]()<>#+-.!|~=:$&^%\"'/@,;?")
+
+
+def plain(text) -> str:
+    """Text for a Streamlit element that renders markdown (st.caption, st.error, st.metric, tab labels...): every
+    ASCII punctuation character backslash-escaped, so what a run or a file says (bold, links, images, autolinks,
+    HTML, LaTeX) shows as the characters it is and is never interpreted or fetched. Line breaks are kept."""
+    out = []
+    for ch in str(text if text is not None else ""):
+        out.append("\\" + ch if ch in MARKDOWN_PUNCTUATION else ch)
+    return "".join(out)
+
+
 # ---------------------------------------------------------------------------------------------- registry, models
 def registry_path() -> str:
     return str(os.environ.get(ENV_PATH) or DEFAULT_PATH)

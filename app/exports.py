@@ -87,3 +87,16 @@ def read_upload(trace_file, meta_file=None) -> tuple[dict, pd.DataFrame]:
             return read_export(trace_path, meta_path)
         except UserError as e:           # name the uploaded files, not the temporary folder
             raise UserError(str(e).replace(f"{folder}{os.sep}", "")) from None
+
+
+def table_csv_bytes(frame: pd.DataFrame) -> bytes:
+    """A table shown in the app as CSV, spreadsheet-safe like the trace CSV (declab.core.trace.write_csv): every
+    text cell (text, object and categorical columns) and every header name that a spreadsheet would run as a formula
+    (= + - @, a tab, a carriage return or a line break first) gets one leading apostrophe."""
+    return csv_bytes(frame.reset_index(drop=True))
+
+
+def table_download(frame: pd.DataFrame, file_name: str, key: str, label: str = "Download table (CSV)") -> None:
+    """The declab download for a table (Streamlit's own table download is off: app/.streamlit/config.toml)."""
+    st.download_button(label, lambda: table_csv_bytes(frame), file_name, "text/csv", key=key, on_click="ignore",
+                       icon=":material/download:")

@@ -4,7 +4,9 @@ once into the session history, and show what went wrong.
 
 One service per session at a time (one forward at a time keeps timings fair). The service runs in its own thread
 and keeps every finished run in the run library itself; nothing a page does (a rerun, a widget, leaving the page)
-touches it, so only Stop ends a run.
+touches it, so only Stop ends a run: ours (a button) or the toolbar's. The two are told apart from a rerun because
+app/.streamlit/config.toml turns Streamlit's `runner.fastReruns` off: a rerun then restarts the script with
+RerunException at its next Streamlit call, and StopException means the toolbar's Stop (or the session closing).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from streamlit.runtime.scriptrunner_utils.exceptions import StopException
 
 import common
 from declab.core import UserError
+from declab.core.corpus import confine_params
 from declab.run import Run, RunRequest, validate
 from declab.run.service import Job, RunService
 
@@ -44,6 +47,7 @@ def start_batch(kind: str, model: str, requests: list[tuple[str, RunRequest]]) -
         plans = []
         for label, req in requests:
             try:
+                req.params = confine_params(req.params)       # a path typed here stays in the corpus folder
                 plans.append((label, validate(req, registry)))
             except UserError as e:
                 raise labelled(label, e) from None
@@ -55,10 +59,10 @@ def start_batch(kind: str, model: str, requests: list[tuple[str, RunRequest]]) -
             except UserError as e:
                 raise labelled(label, e) from None
     except UserError as e:
-        st.error(str(e))
+        st.error(str(e))               # about this user's own form input (validated here), not a stored run
         return None
     except Exception as e:  # e.g. out of memory while loading: a message, never a traceback, nothing lost
-        st.error(f"Could not start the run: {type(e).__name__}: {e}")
+        st.error(common.plain(f"Could not start the run: {type(e).__name__}: {e}"))
         return None
     service = RunService(jobs=jobs, kind=kind, source="app")
     st.session_state[common.K_SERVICE] = service
@@ -108,7 +112,7 @@ def collect() -> list[common.RunRecord]:
 
 def show_notices(kind: str) -> None:
     for level, msg in st.session_state.get(common.K_NOTICE, {}).pop(kind, []):
-        (st.error if level == "error" else st.warning)(msg)
+        (st.error if level == "error" else st.warning)(common.plain(msg))
 
 
 def follow(service: RunService) -> None:
@@ -122,7 +126,7 @@ def follow(service: RunService) -> None:
         for col, job in zip(cols, service.jobs):
             with col:
                 if len(service.jobs) > 1:
-                    st.caption(job.label)
+                    st.caption(common.plain(job.label))
                 slots.append((st.empty(), st.empty()))
     try:
         while True:
@@ -162,7 +166,7 @@ def sidebar_status(slot) -> None:
     with slot.container():
         if service is not None and service.running:
             st.info(f"Decoding ({service.kind}): run {service.current + 1} of {len(service.jobs)}. Open its page to "
-                    "watch it; it keeps going meanwhile.")
+                    "watch it; it keeps going meanwhile (also across reruns and page switches; only Stop ends it).")
             st.button("Stop", on_click=_stop_clicked, key="stop:sidebar", icon=":material/stop_circle:")
         st.caption(f"{n} run{'s' if n != 1 else ''} in this session (this browser tab; at most {common.MAX_HISTORY}). "
                    "Every run is also kept in the Library.")

@@ -14,7 +14,7 @@ import streamlit as st
 
 import exports
 import viz
-from common import RunRecord
+from common import RunRecord, plain
 from declab.core.meta import RunMeta
 from declab.core.metrics import summarize
 
@@ -51,7 +51,7 @@ def metrics_row(info: RunMeta, frame: pd.DataFrame) -> None:
         items.append(("Acceptance rate", m["acceptance_rate"]))
     cols = st.columns(len(items) or 1)
     for col, (k, v) in zip(cols, items):
-        col.metric(k, v if isinstance(v, int) and not isinstance(v, bool) else _number(v))
+        col.metric(k, v if isinstance(v, int) and not isinstance(v, bool) else plain(_number(v)))  # values: text
 
 
 def token_chips(frame: pd.DataFrame, branch: int | None = None, highlight_step: int | None = None) -> str:
@@ -79,7 +79,7 @@ def figure_panel(frame: pd.DataFrame, info: RunMeta, key: str) -> None:
     try:
         figs = viz.figures_for(frame, info.to_dict())
     except Exception as e:  # a figure bug must not take the page (or the run) down
-        st.error(f"Could not draw the figures: {type(e).__name__}: {e}")
+        st.error(plain(f"Could not draw the figures: {type(e).__name__}: {e}"))
         return
     if not figs:
         st.info("No figures for this trace.")
@@ -109,8 +109,8 @@ def sequences_view(info: RunMeta) -> None:
         if len(seqs) > 1:
             score = s.get("score")
             ids = s.get("token_ids")
-            st.caption(f"Sequence {i + 1} · score {_number(score) if score is not None else 'n/a'} · "
-                       f"{len(ids) if isinstance(ids, list) else 0} tokens")
+            st.caption(plain(f"Sequence {i + 1} · score {_number(score) if score is not None else 'n/a'} · "
+                             f"{len(ids) if isinstance(ids, list) else 0} tokens"))
         st.code(str(s.get("text") or "") or " ", language=None, wrap_lines=True)
     if len(seqs) > MAX_SEQUENCES_SHOWN:
         st.caption(f"... and {len(seqs) - MAX_SEQUENCES_SHOWN} more sequences (all in the JSON export).")
@@ -131,7 +131,7 @@ def show_run(rec: RunRecord, key: str, export: bool = True) -> None:
     """Text, metrics, figures, trace table and export buttons of one run."""
     info, frame = rec.info, rec.frame
     if rec.status == "failed":
-        st.error(f"This run failed: {rec.error}")
+        st.error(plain(f"This run failed: {rec.error}"))
     elif rec.status == "stopped":
         st.warning("This run was stopped before it finished; what it produced is shown.")
     st.text(settings_text(info))

@@ -30,18 +30,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from declab.core import UserError, load_strategies
+from declab.core import UserError, get_strategy, load_strategies
 from declab.core import trace as tr
 from declab.core.meta import RunMeta
 from declab.models.registry import load_registry
 from declab.run import Run, RunRequest, get_lm, validate
 from declab.run import observatory as obs
+from declab.run import store as run_store
+from declab.run.progress import ProgressBar
 from declab.run.service import Job, RunService
+from declab.run.store import check_writable, writing
 from declab.runs_cli import add_runs_parser, add_store_option, cmd_runs
 from declab.sweep.cli import add_sweep_parser, cmd_sweep
 from viz.report import html_report
@@ -143,37 +147,61 @@ def parse_sets(items: list[str]) -> dict[str, str]:
     return out
 
 
+STRATEGY_FLAGS = (("--grammar-file", "grammar_file", "takes_grammar"),
+                  ("--lame-prompt", "lame_prompt", "takes_lame_prompt"))   # flag, argparse dest, Strategy attribute
+
+
+def check_strategy_flags(args) -> None:
+    """A strategy-specific flag given to a strategy that does not use it is refused, naming the ones that do."""
+    strategy = get_strategy(args.strategy)
+    for flag, dest, attr in STRATEGY_FLAGS:
+        if getattr(args, dest, None) is not None and not getattr(strategy, attr):
+            users = sorted(s.name for s in load_strategies().values() if getattr(s, attr))
+            raise UserError(f"{flag} is not used by strategy '{strategy.name}'; the strategies that use it: "
+                            f"{', '.join(users) or 'none installed'}")
+
+
 def cmd_run(args) -> int:
     registry = load_registry()
     prompt = args.prompt if args.prompt is not None else _read_text(args.prompt_file, "prompt file")
     grammar = _read_text(args.grammar_file, "grammar file") if args.grammar_file else None
+    check_strategy_flags(args)
     request = RunRequest(model=args.model or registry.default, strategy=args.strategy, prompt=prompt,
                          params=parse_sets(args.set), prompt_format=args.prompt_format,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, grammar=grammar,
                          lame_prompt=args.lame_prompt)
     plan = validate(request, registry)                       # once, before any model is loaded
     for path in (args.csv, args.parquet, args.json, args.html):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise UserError(f"cannot write {path}: folder does not exist")
+        if path:
+            check_writable(path)
     run = Run(get_lm(request.model, registry), plan, load=lambda key: get_lm(key, registry))
     service = RunService([Job(args.strategy, run)], kind="cli", source="cli",
                          store_path="" if args.no_store else args.store)
-    wait_until_interrupted(service)
+    bar = ProgressBar(run, sys.stderr)                      # only when stderr is a terminal
+    try:
+        wait_until_interrupted(service, tick=bar.update)
+    finally:
+        bar.close()
     if 0 in service.errors:
         raise UserError(service.errors[0])
     if 0 in service.unsaved:
         print(f"declab: warning: run not stored in the run store: {service.unsaved[0]}", file=sys.stderr)
     result = run.result
     meta = RunMeta.from_dict(result.meta)
+    note = "" if args.no_store or 0 in service.unsaved else f" (the run is stored as {meta.run_id})"
     if args.csv:
-        tr.write_csv(result.frame, args.csv)
-        tr.write_json(result.meta, str(Path(args.csv).with_suffix("")) + ".meta.json")
+        with writing(args.csv, note):
+            tr.write_csv(result.frame, args.csv)
+            tr.write_json(result.meta, str(Path(args.csv).with_suffix("")) + ".meta.json")
     if args.parquet:
-        tr.write_parquet(result.frame, args.parquet)
+        with writing(args.parquet, note):
+            tr.write_parquet(result.frame, args.parquet)
     if args.json:
-        tr.write_json(meta.cli_json(), args.json)
+        with writing(args.json, note):
+            tr.write_json(meta.cli_json(), args.json)
     if args.html:
-        Path(args.html).write_text(html_report(result.meta, result.frame), encoding="utf-8")
+        with writing(args.html, note):
+            Path(args.html).write_text(html_report(result.meta, result.frame), encoding="utf-8")
     if not args.quiet:
         for i, s in enumerate(result.sequences):
             prefix = f"[{i}] " if len(result.sequences) > 1 else ""
@@ -254,11 +282,18 @@ def cmd_drafters(args) -> int:
     return 1 if service.errors or "failed" in statuses else 0
 
 
-def wait_until_interrupted(service: RunService) -> None:
-    """Run the service to the end. A first Ctrl-C stops the run after the current step, so it is kept (stored,
-    exported) with status 'stopped'; a second Ctrl-C interrupts at once."""
+def wait_until_interrupted(service: RunService, tick=None) -> None:
+    """Run the service to the end (calling `tick()` every 0.1 s meanwhile: the progress bar). A first Ctrl-C stops
+    the run after the current step, so it is kept (stored, exported) with status 'stopped'; a second Ctrl-C
+    interrupts at once."""
+    def wait() -> None:
+        service.start()
+        while not service.done.wait(0.1):
+            if tick is not None:
+                tick()
+
     if threading.current_thread() is not threading.main_thread():
-        service.start().wait()
+        wait()
         return
     previous = signal.getsignal(signal.SIGINT)
     if previous is None:                                     # a handler not set from Python: restore the default
@@ -270,21 +305,39 @@ def wait_until_interrupted(service: RunService) -> None:
 
     signal.signal(signal.SIGINT, stop)                       # before the run starts: its first step may be Ctrl-C'd
     try:
-        service.start().wait()
+        wait()
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
+def _command(args) -> int:
+    if args.command == "runs":
+        return cmd_runs(args)
+    if args.command == "drafters":
+        return cmd_drafters(args)
+    if args.command == "sweep":
+        return cmd_sweep(args)
+    return cmd_list(args) if args.command == "list" else cmd_run(args)
+
+
+def _say_waiting(message: str) -> None:
+    print(f"declab: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    run_store.WAIT_NOTICE = _say_waiting                    # a locked run store is said at once
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "runs":
-            return cmd_runs(args)
-        if args.command == "drafters":
-            return cmd_drafters(args)
-        if args.command == "sweep":
-            return cmd_sweep(args)
-        return cmd_list(args) if args.command == "list" else cmd_run(args)
+        status = _command(args)
+        sys.stdout.flush()                                   # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        try:                                                 # nothing more can reach the reader: stop writing
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        print("declab: error: output closed before it was all written (broken pipe)", file=sys.stderr)
+        return 2
     except UserError as e:
         print(f"declab: error: {e}", file=sys.stderr)
         return 2

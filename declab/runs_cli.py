@@ -21,7 +21,7 @@ from pathlib import Path
 
 from declab.core.errors import UserError
 from declab.core.meta import RunMeta
-from declab.run.store import open_store
+from declab.run.store import check_writable, open_store, writing
 
 
 def add_store_option(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +75,12 @@ def one_line(text, width: int) -> str:
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
+def printable(text) -> str:
+    """Stored text for the terminal: line breaks and tabs kept, every other control character (an escape sequence,
+    a carriage return, a bell) shown as its Python escape, so stored data never drives the terminal."""
+    return "".join(ch if ch.isprintable() or ch in "\n\t" else repr(ch)[1:-1] for ch in str(text or ""))
+
+
 def cmd_runs(args) -> int:
     store = open_store(args.store)
     return {"list": _list, "show": _show, "export": _export, "delete": _delete, "tag": _tag,
@@ -93,7 +99,8 @@ def _list(store, args) -> int:
     print(f"{'run id':12}  {'started':19}  {'status':7}  {'strategy':18}  {'model':24}  {'tokens':>6}  "
           f"{'tags':16}  text")
     for r in rows:
-        print(f"{r['run_id']:12}  {r['started_at']:19}  {r['status']:7}  {one_line(r['strategy'], 18):18}  "
+        print(f"{one_line(r['run_id'], 64):12}  {one_line(r['started_at'], 32):19}  {one_line(r['status'], 16):7}  "
+              f"{one_line(r['strategy'], 18):18}  "
               f"{one_line(r['model'], 24):24}  {'' if r['new_tokens'] is None else r['new_tokens']:>6}  "
               f"{one_line(','.join(r['tags']), 16):16}  {one_line(r['text'], 60)}")
     return 0
@@ -106,27 +113,30 @@ def _show(store, args) -> int:
     else:
         m = RunMeta.from_dict(meta)
         info = store.info(m.run_id)
-        print(f"run {m.run_id} · {info['status']} · {info['started_at']} · from {info['source'] or '?'}"
-              + (f" · tags {', '.join(info['tags'])}" if info["tags"] else ""))
+        out = [f"run {m.run_id} · {info['status']} · {info['started_at']} · from {info['source'] or '?'}"
+               + (f" · tags {', '.join(info['tags'])}" if info["tags"] else "")]
         if m.error:
-            print(f"error: {m.error}")
-        print(f"model {m.model} ({m.device or '?'}, {m.dtype or '?'}, quantization {m.quantization or '?'}) · "
-              f"strategy {m.strategy} · seed {m.seed} · {m.prompt_format or '?'} prompt · max new tokens "
-              f"{m.max_new_tokens}")
-        print(f"params: {json.dumps(m.params, ensure_ascii=False, default=str)}")
-        print("metrics: " + ", ".join(f"{k} {v}" for k, v in m.metrics.items()) + f" · wall {m.wall_s} s")
-        print(f"trace: {len(frame)} rows, {len(frame.columns)} columns")
-        print("prompt:")
-        print(m.prompt)
+            out.append(f"error: {m.error}")
+        out.append(f"model {m.model} ({m.device or '?'}, {m.dtype or '?'}, quantization {m.quantization or '?'}) · "
+                   f"strategy {m.strategy} · seed {m.seed} · {m.prompt_format or '?'} prompt · max new tokens "
+                   f"{m.max_new_tokens}")
+        out.append(f"params: {json.dumps(m.params, ensure_ascii=False, default=str)}")
+        out.append("metrics: " + ", ".join(f"{k} {v}" for k, v in m.metrics.items()) + f" · wall {m.wall_s} s")
+        out.append(f"trace: {len(frame)} rows, {len(frame.columns)} columns")
+        out += ["prompt:", m.prompt]
         for i, s in enumerate(m.sequences):
-            print(f"sequence {i + 1} ({len(s.get('token_ids') or [])} tokens, score {s.get('score')}):")
-            print(s.get("text", ""))
+            ids = s.get("token_ids")
+            out.append(f"sequence {i + 1} ({len(ids) if isinstance(ids, list) else 0} tokens, score "
+                       f"{s.get('score')}):")
+            out.append(s.get("text", ""))
+        for line in out:
+            print(printable(line))
     if args.trace:
         tok = frame[frame["kind"] == "token"] if "kind" in frame.columns else frame
         cols = [c for c in ("step", "branch_id", "token_id", "token_text", "logprob", "entropy", "dt_ms")
                 if c in tok.columns]
         for row in tok[cols].itertuples(index=False):
-            print("\t".join(repr(v) if c == "token_text" else str(v) for c, v in zip(cols, row)))
+            print("\t".join(repr(v) if c == "token_text" else one_line(v, 80) for c, v in zip(cols, row)))
     return 0
 
 
@@ -143,20 +153,20 @@ def _export(store, args) -> int:
         written += store.export(ids[0], path, fmt)
     if args.html:
         path = Path(args.html)
-        if not path.resolve().parent.is_dir():
-            raise UserError(f"cannot write {path}: folder does not exist")
-        path.write_bytes(store.export_bytes(ids, "html"))
+        check_writable(path)
+        data = store.export_bytes(ids, "html")
+        with writing(path):
+            path.write_bytes(data)
         written.append(path)
     if args.dir:
         folder = Path(args.dir)
         if not folder.is_dir():
             raise UserError(f"cannot write into {folder}: folder does not exist")
         for run_id in ids:
-            meta = store.info(run_id)
-            written += store.export(run_id, folder / f"declab-{meta['strategy'] or 'run'}-{run_id}.{args.format}",
-                                    args.format)
+            stem = RunMeta(run_id=run_id, strategy=store.info(run_id)["strategy"] or "run").stem  # safe characters
+            written += store.export(run_id, folder / f"{stem}.{args.format}", args.format)
     for path in written:
-        print(path)
+        print(printable(path))
     return 0
 
 

@@ -102,8 +102,9 @@ class SuperposedConfig(Config):
                             f"got {self.num_token_sample}")
         w = self.ngram_weights
         if not isinstance(w, tuple) or not 1 <= len(w) <= 6 or any(
-                isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0 or x != x for x in w):
-            raise UserError(f"{name}: ngram_weights must be 1 to 6 non-negative numbers (orders 2..7), got {w!r}")
+                isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x < math.inf for x in w):
+            raise UserError(f"{name}: ngram_weights must be 1 to 6 finite non-negative numbers (orders 2..7), "
+                            f"got {w!r}")
         if self.alpha > 0 and sum(w) <= 0:
             raise UserError(f"{name}: ngram_weights must not be all zero when alpha > 0")
 

@@ -7,12 +7,15 @@ chromium is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -49,19 +52,26 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float 
     pytest.fail(f"streamlit did not answer within {timeout_s} s:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-@pytest.fixture
-def streamlit_app(tmp_path):
-    """The app on the real registry (DECLAB_MODELS unset: the embedded model is the default), on a free port.
-    Only the process started here is terminated afterwards."""
+def _requirements() -> None:
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (`apt-get install chromium chromium-driver`, "
                     "or `make browser` as root) to run the browser test")
     pytest.importorskip("playwright.sync_api", reason="the Playwright pip package is missing: pip install playwright")
+
+
+@contextlib.contextmanager
+def _serve(folder: Path, **env_vars):
+    """`streamlit run app/Home.py` on a free port with these environment variables (None removes one); yields
+    (url, log). Only the process started here is terminated afterwards."""
     env = dict(os.environ)
-    env.pop("DECLAB_MODELS", None)
+    for k, v in env_vars.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     env["STREAMLIT_BROWSER_GATHER_USAGE_STATS"] = "false"
     port = _free_port()
-    log = tmp_path / "streamlit.log"
+    log = folder / "streamlit.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app/Home.py", "--server.headless", "true",
@@ -78,6 +88,14 @@ def streamlit_app(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+
+
+@pytest.fixture
+def streamlit_app(tmp_path):
+    """The app on the real registry (DECLAB_MODELS unset: the embedded model is the default), on a free port."""
+    _requirements()
+    with _serve(tmp_path, DECLAB_MODELS=None) as served:
+        yield served
 
 
 def _expected_text(lm, prompt: str, max_new_tokens: int) -> str:
@@ -138,3 +156,106 @@ def test_run_greedy_on_the_embedded_model_in_chromium(streamlit_app, real_lm, tm
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------- issue 23, item 1
+FAKE_DELAY_S = 0.1                      # per forward of the scripted fake: a 20-token run decodes for ~2 s
+RUN_TOKENS = 20
+
+
+def _is_local(request_url: str) -> bool:
+    host = urllib.parse.urlsplit(request_url).hostname
+    return request_url.startswith(("data:", "blob:", "about:")) or host in ("127.0.0.1", "localhost")
+
+
+def test_a_run_survives_its_page_and_stop_shows_at_once(tmp_path):
+    """On the scripted fake (slowed to 0.1 s a forward): a widget click mid-run, three fast presses of Run, then
+    Stop. Decoding goes on across the reruns; only Stop stops it, and the page shows the stopped run at once. The
+    Library lists every run with its status. `/run` opens the Run page, and no page asset comes from outside."""
+    from playwright.sync_api import sync_playwright
+
+    from declab.run.store import open_store
+
+    _requirements()
+    store_path = tmp_path / "runs.sqlite"
+    outside: list[str] = []
+    with _serve(tmp_path, DECLAB_MODELS=str(ROOT / "tests" / "data" / "models-fake.yaml"),
+                DECLAB_FAKE_DELAY=str(FAKE_DELAY_S), DECLAB_STORE=str(store_path)) as (url, log), \
+            sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1600})
+            page.on("request", lambda r: None if _is_local(r.url) else outside.append(r.url))
+            page.goto(f"{url}/run", wait_until="domcontentloaded")
+            main = page.locator("[data-testid='stMain']").first
+            run_button = main.get_by_role("button", name="Run", exact=True)
+            run_button.wait_for(state="visible", timeout=60_000)
+            assert main.get_by_role("heading", name="declab").first.is_visible()
+            assert page.url.endswith("/run")
+            assert "Page not found" not in page.locator("body").inner_text()
+            tokens = main.get_by_role("spinbutton", name="Max new tokens")
+            tokens.fill(str(RUN_TOKENS))
+            tokens.press("Enter")
+            page.wait_for_timeout(800)
+            decoding = main.get_by_text(re.compile(r"\d+ / \d+ tokens · decoding"))
+            runs = lambda: open_store(store_path).list()          # noqa: E731  (newest first)
+
+            def wait_stored(n: int, timeout_s: float = 60) -> list[dict]:
+                deadline = time.monotonic() + timeout_s
+                while time.monotonic() < deadline:
+                    rows = runs()
+                    if len(rows) >= n:
+                        return rows
+                    time.sleep(0.1)
+                pytest.fail(f"{n} runs not stored within {timeout_s} s: {runs()}\n{log.read_text()[-3000:]}")
+
+            # a widget click mid-run (the prompt-format radio) reruns the page: decoding goes on
+            run_button.click()
+            decoding.wait_for(timeout=30_000)
+            main.get_by_text("chat", exact=True).click()
+            page.wait_for_timeout(600)
+            rows = wait_stored(1)
+            assert rows[0]["status"] == "ok" and rows[0]["new_tokens"] == RUN_TOKENS, rows[0]
+
+            # Run pressed three times within 300 ms: one run, decoded to the end
+            decoding.wait_for(state="detached", timeout=10_000)
+            for _ in range(3):
+                run_button.click(no_wait_after=True)
+                page.wait_for_timeout(90)
+            rows = wait_stored(2)
+            page.wait_for_timeout(1500)                           # a stray second run would be stored by now
+            rows = runs()
+            assert [r["status"] for r in rows] == ["ok", "ok"], rows
+            assert rows[0]["new_tokens"] == RUN_TOKENS, rows[0]
+
+            # Stop: the run is stored as stopped and the page shows it within a second
+            decoding.wait_for(state="detached", timeout=10_000)
+            run_button.click()
+            main.get_by_text(re.compile(r"[3-9] / \d+ tokens · decoding")).wait_for(timeout=30_000)
+            main.get_by_role("button", name="Stop").click()
+            t_stop = time.monotonic()
+            main.get_by_text(re.compile(r"was stopped after \d+ tokens")).wait_for(timeout=3_000)
+            page.wait_for_timeout(max(0.0, 1.0 - (time.monotonic() - t_stop)) * 1000)
+            print(f"[browser test] stopped run shown {time.monotonic() - t_stop:.2f} s after Stop (shared CPU)")
+            assert decoding.count() == 0, main.inner_text()[:2000]
+            rows = wait_stored(3)
+            assert rows[0]["status"] == "stopped" and 0 < rows[0]["new_tokens"] < RUN_TOKENS, rows[0]
+            page.screenshot(path=str(tmp_path / "stopped.png"))
+            shutil.copyfile(tmp_path / "stopped.png", "/tmp/declab-stopped.png")
+
+            # the Library lists the three runs with their statuses
+            page.goto(f"{url}/library", wait_until="domcontentloaded")
+            main = page.locator("[data-testid='stMain']").first
+            main.get_by_text("3 of 3 stored runs shown", exact=False).wait_for(timeout=30_000)
+            main.get_by_text("Choose runs to open, compare, tag, delete or export").click()
+            options = page.get_by_role("option")
+            options.first.wait_for(timeout=10_000)
+            labels = options.all_inner_texts()
+            page.screenshot(path="/tmp/declab-library.png")
+            assert sorted(" · stopped · " in t for t in labels) == [False, False, True], labels
+            assert sum(" · ok · " in t for t in labels) == 2, labels
+            body = page.locator("body").inner_text()
+            assert "Traceback" not in body, body[-2000:]
+        finally:
+            browser.close()
+    assert not outside, f"page assets fetched from outside the machine: {sorted(set(outside))}"

@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 import common
+import exports
 import forms
 import jobs
 import render
@@ -48,7 +49,7 @@ def per_token(frames: dict) -> None:
     try:
         st.plotly_chart(viz.compare_figure(frames, column or "entropy"), key="cmp:figure", width="stretch")
     except Exception as e:  # a figure bug must not take the page down
-        st.error(f"Could not draw the comparison: {type(e).__name__}: {e}")
+        st.error(common.plain(f"Could not draw the comparison: {type(e).__name__}: {e}"))
 
 
 def results(records: list) -> None:
@@ -59,10 +60,10 @@ def results(records: list) -> None:
     cols = st.columns(len(records))
     for i, (col, rec) in enumerate(zip(cols, records)):
         with col:
-            st.markdown(f"**{i + 1}. {rec.info.strategy}**")
-            st.caption(render.params_text(rec.info) or "no parameters")
+            st.markdown(f"**{i + 1}. {common.plain(rec.info.strategy)}**")
+            st.caption(common.plain(render.params_text(rec.info)) or "no parameters")
             if rec.status != "ok":
-                st.warning(f"status: {rec.status}" + (f" ({rec.error})" if rec.error else ""))
+                st.warning(common.plain(f"status: {rec.status}" + (f" ({rec.error})" if rec.error else "")))
             against = tokens[1] if i == 0 and len(tokens) > 1 else tokens[0]
             render.html_block(render.diff_html(tokens[i], against))
 
@@ -78,13 +79,15 @@ def results(records: list) -> None:
                      "perplexity": m.get("perplexity"), "median step ms": m.get("median_step_ms"),
                      "wall s": info.wall_s,
                      "same text as 1 (%)": round(100 * render.similarity(tokens[0], tokens[i]), 1)})
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    table = pd.DataFrame(rows)
+    st.dataframe(table, hide_index=True, width="stretch")
+    exports.table_download(table, "declab-compare-metrics.csv", key="cmp:metrics:csv")
 
     st.subheader("Per token")
     per_token({f"{i + 1}. {r.info.strategy}": r.frame for i, r in enumerate(records)})
 
     st.subheader("Runs")
-    tabs = st.tabs([f"{i + 1}. {r.info.strategy}" for i, r in enumerate(records)])
+    tabs = st.tabs([common.plain(f"{i + 1}. {r.info.strategy}") for i, r in enumerate(records)])
     for tab, rec in zip(tabs, records):
         with tab:
             render.show_run(rec, key=f"cmp:{rec.run_id}")

@@ -20,7 +20,7 @@ st.caption("Every run from the app and from `declab run` is kept here, also afte
 
 
 def notice(level: str, text: str) -> None:
-    st.session_state[K_NOTICE] = (level, text)
+    st.session_state[K_NOTICE] = (level, common.plain(text))
 
 
 def selected() -> list[str]:
@@ -88,6 +88,7 @@ def listing(rows: list[dict]) -> None:
         "prompt": r["prompt"][:80], "text": r["text"][:160],
         "params": ", ".join(f"{k}={v}" for k, v in (r["params"] or {}).items())} for r in rows])
     st.dataframe(table, hide_index=True, width="stretch", key="lib:table")     # plain text cells (escaped)
+    exports.table_download(table, "declab-library.csv", key="lib:table:csv")
 
 
 def actions(store, rows: list[dict]) -> None:
@@ -97,7 +98,7 @@ def actions(store, rows: list[dict]) -> None:
     by_id = {r["run_id"]: r for r in rows}
     for run_id in ids[:4]:
         r = by_id[run_id]
-        st.caption(f"{run_id} · {r['strategy']} on {r['model']} · {r['status']} · seed {r['seed']}")
+        st.caption(common.plain(f"{run_id} · {r['strategy']} on {r['model']} · {r['status']} · seed {r['seed']}"))
         st.code(r["text"] or " ", language=None, wrap_lines=True)
     if n > 4:
         st.caption(f"... and {n - 4} more.")
@@ -105,15 +106,23 @@ def actions(store, rows: list[dict]) -> None:
     c1, c2 = st.columns(2)
     if c1.button("Open in Trace explorer", key="lib:open", disabled=n != 1, icon=":material/query_stats:",
                  help="Select exactly one run. No model is loaded: everything is drawn from the stored trace."):
-        rec = to_session(store, ids)[0]
-        common.last()["explorer"] = rec.run_id
-        st.session_state.pop("tx:pick:prefer", None)          # jump to it even if it was opened before
-        st.session_state["tx:source"] = "A run of this session"
-        st.switch_page("views/trace_explorer.py")
+        try:
+            rec = to_session(store, ids)[0]
+        except UserError as e:                                # a damaged stored run: one line, nothing else lost
+            st.error(common.plain(str(e)))
+        else:
+            common.last()["explorer"] = rec.run_id
+            st.session_state.pop("tx:pick:prefer", None)      # jump to it even if it was opened before
+            st.session_state["tx:source"] = "A run of this session"
+            st.switch_page("views/trace_explorer.py")
     if c2.button("Compare", key="lib:compare", disabled=not 2 <= n <= 4, icon=":material/compare_arrows:",
                  help="Select two to four runs: texts side by side, metrics, per-token figures."):
-        common.last()["compare"] = [r.run_id for r in to_session(store, ids)]
-        st.switch_page("views/compare.py")
+        try:
+            common.last()["compare"] = [r.run_id for r in to_session(store, ids)]
+        except UserError as e:
+            st.error(common.plain(str(e)))
+        else:
+            st.switch_page("views/compare.py")
 
     c1, c2, c3 = st.columns([2, 1, 1], vertical_alignment="bottom")
     c1.text_input("Tag", key="lib:tagtext", max_chars=64, placeholder="e.g. lecture-3")
@@ -130,9 +139,17 @@ def actions(store, rows: list[dict]) -> None:
                    format_func={"csv": "CSV + JSON (zip)", "parquet": "Parquet + JSON (zip)",
                                 "html": "one HTML report"}.get)
     name = "declab-report.html" if fmt == "html" else f"declab-runs-{fmt}.zip"
-    c2.download_button("Export selection", lambda: store.export_bytes(ids, fmt), name,
+    c2.download_button("Export selection", lambda: export_selection(store, ids, fmt), name,
                        "text/html" if fmt == "html" else "application/zip", key="lib:export", on_click="ignore",
                        icon=":material/download:")
+
+
+def export_selection(store, ids: list[str], fmt: str) -> bytes:
+    """The selection's download; a damaged stored run gives a small text file saying so instead of a traceback."""
+    try:
+        return store.export_bytes(ids, fmt)
+    except UserError as e:
+        return f"declab: {e}\n".encode("utf-8")
 
 
 def import_section(store) -> None:
@@ -147,29 +164,29 @@ def import_section(store) -> None:
             try:
                 run_id = store.save(exports.read_upload(trace_file, meta_file), source="import")
             except UserError as e:
-                st.error(str(e))
+                st.error(common.plain(str(e)))
             except Exception as e:  # a malformed file: a message, never a traceback
-                st.error(f"Could not import {trace_file.name}: {type(e).__name__}: {e}")
+                st.error(common.plain(f"Could not import {trace_file.name}: {type(e).__name__}: {e}"))
             else:
-                st.success(f"Imported run {run_id}.")
+                st.success(common.plain(f"Imported run {run_id}."))
 
 
 try:
     store = open_store()
 except UserError as e:
     store = None
-    st.error(f"Run library: {e}")
+    st.error(common.plain(f"Run library: {e}"))
 
 if store is not None:
     pending = st.session_state.pop(K_NOTICE, None)
     if pending:
-        {"error": st.error, "success": st.success}.get(pending[0], st.info)(pending[1])
+        {"error": st.error, "success": st.success}.get(pending[0], st.info)(pending[1])   # plain() in notice()
     import_section(store)
     f = filters(store)
     try:
         rows = store.list(limit=MAX_LISTED + 1, **f)
     except UserError as e:
-        st.error(str(e))
+        st.error(common.plain(str(e)))
         rows = []
     total = store.count()
     shown = rows[:MAX_LISTED]

@@ -27,10 +27,10 @@ def from_upload():
     try:
         meta, frame = exports.read_upload(trace_file, meta_file)
     except UserError as e:
-        st.error(str(e))
+        st.error(common.plain(str(e)))
         return None
     except Exception as e:  # a malformed file: a message, never a traceback
-        st.error(f"Could not read {trace_file.name}: {type(e).__name__}: {e}")
+        st.error(common.plain(f"Could not read {trace_file.name}: {type(e).__name__}: {e}"))
         return None
     if meta_file is None:
         st.warning("No metadata file: column types were inferred and the run's settings are unknown.")

@@ -9,6 +9,7 @@ with every CPython, so it is there without network and without a download step.
 from __future__ import annotations
 
 import ast
+import os
 import sys
 import sysconfig
 from pathlib import Path
@@ -16,6 +17,10 @@ from pathlib import Path
 from declab.core.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+ENV_CORPUS_DIR = "DECLAB_CORPUS_DIR"  # the folder whose corpora the app may read (a server's files stay the server's)
+PATH_PARAM_SUFFIXES = ("_corpus", "_file", "_path", "_dir", "_folder")   # parameters that name a file
+MAX_CORPUS_FILES = 2000              # text files one corpus folder may have
+MAX_WALK_ENTRIES = 20_000            # folder entries a corpus walk looks at before giving up
 STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "site-packages", "dist-packages",
                "pydoc_data", "ensurepip", "venv"}
 
@@ -54,13 +59,58 @@ def default_corpus_documents(max_chars: int | None = None) -> list[str]:
     return docs
 
 
+def corpus_root() -> Path:
+    """The folder the app's file fields are confined to: $DECLAB_CORPUS_DIR, else the data folder's corpora
+    ($XDG_DATA_HOME/declab/corpora or ~/.local/share/declab/corpora). The built-in corpus (an empty field) is always
+    allowed; the CLI reads any file of its user."""
+    env = os.environ.get(ENV_CORPUS_DIR)
+    if env:
+        return Path(env).expanduser().resolve()
+    data = os.environ.get("XDG_DATA_HOME")
+    base = Path(data) if data and Path(data).is_absolute() else Path.home() / ".local" / "share"
+    return (base / "declab" / "corpora").resolve()
+
+
+def confine(text: str, what: str) -> str:
+    """A path typed into the app, as a path inside `corpus_root()` (relative paths are taken from there), or a
+    one-line UserError that names the allowed folder but never what is outside it."""
+    text = str(text or "").strip()
+    if not text:
+        return ""
+    root = corpus_root()
+    path = (root / Path(text).expanduser()).resolve()          # an absolute text replaces root; '..' is resolved
+    if path != root and root not in path.parents:
+        raise UserError(f"{what}: the app reads files only from the server's corpus folder (${ENV_CORPUS_DIR}); "
+                        "give a file or folder inside it, as a path relative to it")
+    return str(path)
+
+
+def confine_params(params: dict) -> dict:
+    """Every file-naming parameter (a name ending in one of PATH_PARAM_SUFFIXES) of an app request, confined."""
+    return {k: confine(v, k) if isinstance(v, str) and k.endswith(PATH_PARAM_SUFFIXES) else v
+            for k, v in params.items()}
+
+
 def _corpus_files(path: Path) -> list[Path]:
+    """The text files of a corpus file or folder: a bounded walk (no symlinked folders, at most MAX_WALK_ENTRIES
+    entries looked at and MAX_CORPUS_FILES files)."""
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        files, seen = [], 0
+        for folder, dirs, names in os.walk(path):
+            dirs.sort()
+            seen += len(dirs) + len(names)
+            if seen > MAX_WALK_ENTRIES:
+                raise UserError(f"superposed: ngram_corpus folder {path} has more than {MAX_WALK_ENTRIES} entries; "
+                                "give a smaller folder")
+            files += [Path(folder) / n for n in names if Path(n).suffix.lower() in TEXT_SUFFIXES
+                      and (Path(folder) / n).is_file()]
+            if len(files) > MAX_CORPUS_FILES:
+                raise UserError(f"superposed: ngram_corpus folder {path} has more than {MAX_CORPUS_FILES} text "
+                                "files; give a smaller folder")
         if files:
-            return files
+            return sorted(files)
         raise UserError(f"superposed: ngram_corpus folder {path} has no {'/'.join(TEXT_SUFFIXES)} files")
     raise UserError(f"superposed: ngram_corpus {path} is not a file or folder")
 

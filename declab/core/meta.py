@@ -14,9 +14,15 @@ Schema history: 0 = metadata written before the version field existed (read as i
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
+from declab.core.errors import UserError
+
 SCHEMA_VERSION = 1
+STATUSES = ("ok", "stopped", "failed")
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")           # what an imported run id may be
+RUN_ID_RULE = "1 to 64 letters, digits, '-' or '_'"
 CLI_JSON_KEYS = ("model", "strategy", "params", "seed", "prompt_format", "sequences", "metrics", "wall_s",
                  "versions", "run_id", "status")
 
@@ -35,6 +41,59 @@ def _float(value):
 
 def _dict(value) -> dict:
     return dict(value) if isinstance(value, dict) else {}
+
+
+def safe_name(text, fallback: str) -> str:
+    """Text for a file or zip entry name: letters, digits, '-', '_' and '.' only (never a folder part)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(text or ""))[:64].strip(".")
+    return name or fallback
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_meta(d) -> None:
+    """Imported metadata (a run exported elsewhere, an upload): the documented fields with the documented types.
+    Raises UserError with one line naming the first bad field; unknown keys are allowed (kept in `other`)."""
+    if not isinstance(d, dict):
+        raise UserError("run metadata must be a JSON object")
+
+    def bad(name: str, why: str):
+        raise UserError(f"run metadata field '{name}' {why}")
+
+    run_id = d.get("run_id")
+    if run_id is not None and not (isinstance(run_id, str) and RUN_ID_RE.fullmatch(run_id)):
+        bad("run_id", f"must be {RUN_ID_RULE}, got {str(run_id)[:40]!r}")
+    if d.get("status") is not None and d["status"] not in STATUSES:
+        bad("status", f"must be one of {', '.join(STATUSES)}, got {str(d['status'])[:40]!r}")
+    for name in ("model", "strategy", "prompt", "prompt_format", "started_at", "dtype", "device", "quantization",
+                 "model_source", "error", "note"):
+        if d.get(name) is not None and not isinstance(d[name], str):
+            bad(name, f"must be text, got {type(d[name]).__name__}")
+    for name in ("params", "metrics", "models", "extras", "versions", "columns"):
+        if d.get(name) is not None and not isinstance(d[name], dict):
+            bad(name, f"must be an object, got {type(d[name]).__name__}")
+    for name in ("seed", "max_new_tokens", "schema"):
+        if d.get(name) is not None and not (isinstance(d[name], int) and not isinstance(d[name], bool)):
+            bad(name, f"must be an integer, got {d[name]!r:.40}")
+    if d.get("wall_s") is not None and not _is_number(d["wall_s"]):
+        bad("wall_s", f"must be a number, got {d['wall_s']!r:.40}")
+    seqs = d.get("sequences")
+    if seqs is not None:
+        if not isinstance(seqs, list) or not all(isinstance(s, dict) for s in seqs):
+            bad("sequences", "must be a list of objects")
+        for i, s in enumerate(seqs):
+            if s.get("text") is not None and not isinstance(s["text"], str):
+                bad(f"sequences[{i}].text", "must be text")
+            ids = s.get("token_ids")
+            if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                                      for t in ids)):
+                bad(f"sequences[{i}].token_ids", "must be a list of integers")
+            if s.get("score") is not None and not _is_number(s["score"]):
+                bad(f"sequences[{i}].score", f"must be a number, got {s['score']!r:.40}")
+    if d.get("prompt_ids") is not None and not isinstance(d["prompt_ids"], list):
+        bad("prompt_ids", "must be a list of integers")
 
 
 @dataclass
@@ -107,5 +166,5 @@ class RunMeta:
 
     @property
     def stem(self) -> str:
-        """The file name stem of this run's exports."""
-        return f"declab-{self.strategy or 'run'}-{self.run_id or 'trace'}"
+        """The file name stem of this run's exports (and zip entries): built from safe characters only."""
+        return f"declab-{safe_name(self.strategy, 'run')}-{safe_name(self.run_id, 'trace')}"

@@ -91,10 +91,12 @@ def _unprotect(value: str) -> str:
 
 
 def write_csv(df: pd.DataFrame, path) -> None:
+    """Every text cell (string, object and categorical columns) and every header name protected (see above)."""
     out = df.copy()
     for col in out.columns:
-        if str(out[col].dtype) in TEXT_DTYPES:
+        if str(out[col].dtype) in TEXT_DTYPES or isinstance(out[col].dtype, pd.CategoricalDtype):
             out[col] = out[col].astype(object).map(_protect)
+    out.columns = [_protect(str(c)) for c in out.columns]
     out.to_csv(path, index=False, quoting=csv.QUOTE_NONNUMERIC, encoding="utf-8", lineterminator="\n")
 
 
@@ -105,14 +107,15 @@ def read_trace(path, dtypes: dict[str, str] | None = None) -> pd.DataFrame:
     if path.suffix == ".parquet":
         return pd.read_parquet(path)
     raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8")
+    raw.columns = [_unprotect(str(c)) for c in raw.columns]            # header names are protected like cells
     dtypes = dict(BASE_DTYPES, **(dtypes or {}))
     out = {}
     for col in raw.columns:
         cells = raw[col]
         na = cells == ""                                   # a real empty string was written as "'"
         dtype = dtypes.get(col)
-        if dtype in TEXT_DTYPES or (dtype is None and cells.str.startswith("'").any()):
-            out[col] = cells.map(_unprotect).mask(na).astype("string")
+        if dtype in TEXT_DTYPES or dtype == "category" or (dtype is None and cells.str.startswith("'").any()):
+            out[col] = cells.map(_unprotect).mask(na).astype("category" if dtype == "category" else "string")
         elif dtype == "boolean" or (dtype is None and set(cells[~na]) <= {"True", "False"} and (~na).any()):
             out[col] = cells.map({"True": True, "False": False}).mask(na).astype("boolean")
         else:

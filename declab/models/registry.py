@@ -119,6 +119,9 @@ def load_registry(path: str | Path | None = None) -> Registry:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise UserError(f"cannot read model registry {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as "
+                        "UTF-8") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict) or not raw["models"]:

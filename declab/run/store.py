@@ -58,13 +58,15 @@ import pandas as pd
 
 from declab.core import trace as tr
 from declab.core.errors import UserError
-from declab.core.meta import RunMeta
+from declab.core.meta import RUN_ID_RE, RunMeta, validate_meta
 from declab.core.metrics import summarize
 from viz.report import CSS, html_report
 
 ENV_STORE = "DECLAB_STORE"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 60.0
+LOCK_NOTICE_S = 1.0                   # a store locked longer than this is said at once (WAIT_NOTICE), then waited on
+WAIT_NOTICE = None                    # callable(message) the CLI sets: "the run store is locked ..., waiting"
 MAX_TAG_CHARS = 64
 REQUIRED_TRACE_COLUMNS = ("kind", "step", "token_text", "logprob")
 
@@ -266,11 +268,34 @@ class Store:
         finally:
             conn.close()
 
+    def _locked(self, conn: sqlite3.Connection, statement: str):
+        """Run `statement`, waiting on another process's lock: LOCK_NOTICE_S quietly, then saying so (WAIT_NOTICE)
+        and waiting up to BUSY_TIMEOUT_S in all; a lock held longer is a one-line UserError."""
+        conn.execute(f"PRAGMA busy_timeout = {int(LOCK_NOTICE_S * 1000)}")
+        try:
+            return conn.execute(statement)
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+        if WAIT_NOTICE is not None:
+            WAIT_NOTICE(f"the run store {self.path} is locked by another process; waiting up to "
+                        f"{BUSY_TIMEOUT_S:.0f} s")
+        conn.execute(f"PRAGMA busy_timeout = {int((BUSY_TIMEOUT_S - LOCK_NOTICE_S) * 1000)}")
+        try:
+            return conn.execute(statement)
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+            raise UserError(f"the run store {self.path} is locked by another process (waited "
+                            f"{BUSY_TIMEOUT_S:.0f} s); close it or try again") from None
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+
     @contextmanager
     def _write(self):
         """One write transaction: everything inside commits together or not at all."""
         with self._conn() as conn:
-            conn.execute("BEGIN IMMEDIATE")
+            self._locked(conn, "BEGIN IMMEDIATE")
             try:
                 yield conn
             except BaseException:
@@ -282,18 +307,27 @@ class Store:
         try:
             conn = self._open()
             try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                version = self._locked(conn, "PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
                     raise UserError(f"run store {self.path} was written by a newer declab (schema {version}, "
                                     f"this version reads {SCHEMA_VERSION})")
-                deadline = time.monotonic() + BUSY_TIMEOUT_S
+                start = time.monotonic()
+                said = False
                 while True:                      # switching to WAL can report 'locked' without waiting: retry
                     try:
                         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                         break
                     except sqlite3.OperationalError as e:
-                        if "locked" not in str(e) or time.monotonic() > deadline:
+                        if "locked" not in str(e):
                             raise
+                        waited = time.monotonic() - start
+                        if waited > BUSY_TIMEOUT_S:
+                            raise UserError(f"the run store {self.path} is locked by another process (waited "
+                                            f"{BUSY_TIMEOUT_S:.0f} s); close it or try again") from None
+                        if waited > LOCK_NOTICE_S and not said and WAIT_NOTICE is not None:
+                            WAIT_NOTICE(f"the run store {self.path} is locked by another process; waiting up to "
+                                        f"{BUSY_TIMEOUT_S:.0f} s")
+                            said = True
                         time.sleep(0.05)
                 if str(mode).lower() != "wal":
                     raise UserError(f"run store {self.path}: cannot use WAL mode (journal mode {mode})")
@@ -385,8 +419,14 @@ class Store:
                             "WHERE r.run_id = ?", (run_id,)).fetchone()
         if row is None:
             raise UserError(f"no run '{run_id}' in the run store {self.path}")
-        meta = json.loads(row[0])
-        frame = frame_from_blob(row[1]) if row[1] is not None else tr.to_frame([])
+        try:
+            meta = json.loads(row[0])
+            if not isinstance(meta, dict):
+                raise ValueError("metadata is not an object")
+            frame = frame_from_blob(row[1]) if row[1] is not None else tr.to_frame([])
+        except Exception as e:  # damaged pages or blobs: one line, the rest of the library stays readable
+            raise UserError(f"run {run_id} is damaged in the run store ({type(e).__name__}); the other runs are "
+                            f"readable, `declab runs delete {run_id}` removes it") from None
         return meta, frame
 
     def info(self, run_id) -> dict:
@@ -466,20 +506,20 @@ class Store:
         meta, frame = self.get(run_id)
         path = Path(path)
         fmt = (fmt or path.suffix.lstrip(".")).lower()
-        if not path.resolve().parent.is_dir():
-            raise UserError(f"cannot write {path}: folder does not exist")
-        if fmt in ("csv", "parquet"):
-            (tr.write_csv if fmt == "csv" else tr.write_parquet)(frame, path)
-            meta_path = meta_path_for(path)
-            tr.write_json(meta, meta_path)
-            return [path, meta_path]
-        if fmt == "json":
-            tr.write_json(meta, path)
+        check_writable(path)
+        if fmt not in ("csv", "parquet", "json", "html"):
+            raise UserError(f"export format must be csv, parquet, json or html, got {fmt!r}")
+        with writing(path):
+            if fmt in ("csv", "parquet"):
+                (tr.write_csv if fmt == "csv" else tr.write_parquet)(frame, path)
+                meta_path = meta_path_for(path)
+                tr.write_json(meta, meta_path)
+                return [path, meta_path]
+            if fmt == "json":
+                tr.write_json(meta, path)
+            else:
+                path.write_text(report_html([(meta, frame)]), encoding="utf-8")
             return [path]
-        if fmt == "html":
-            path.write_text(report_html([(meta, frame)]), encoding="utf-8")
-            return [path]
-        raise UserError(f"export format must be csv, parquet, json or html, got {fmt!r}")
 
     def export_bytes(self, run_ids, fmt: str) -> bytes:
         """A selection as one download (see `bundle_bytes`)."""
@@ -502,6 +542,24 @@ def _insert(c: sqlite3.Connection, row: dict, blob: bytes, tags: list[str], repl
     c.execute(f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", [row[k] for k in cols])
     c.execute("INSERT INTO traces (run_id, format, data) VALUES (?, 'parquet', ?)", (row["run_id"], blob))
     c.executemany("INSERT INTO tags (run_id, tag) VALUES (?, ?)", [(row["run_id"], t) for t in tags])
+
+
+def check_writable(path) -> None:
+    """Before any work: an output path must not be a folder and its folder must exist (one-line UserError)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"cannot write {p}: it is a folder; give a file name")
+    if not p.resolve().parent.is_dir():
+        raise UserError(f"cannot write {p}: folder does not exist")
+
+
+@contextmanager
+def writing(path, note: str = ""):
+    """Writing an output file: an OS failure (read-only, a folder, a full disk) becomes one line naming the path."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}{note}") from None
 
 
 def meta_path_for(trace_path) -> Path:
@@ -532,6 +590,10 @@ def read_export(trace_path, meta_path=None) -> tuple[dict, pd.DataFrame]:
             raise UserError(f"cannot read metadata {meta_path}: {e.strerror or e}") from None
         if not isinstance(meta, dict):
             raise UserError(f"{meta_path} is not declab run metadata (expected a JSON object)")
+        try:
+            validate_meta(meta)
+        except UserError as e:
+            raise UserError(f"{meta_path.name}: {e}") from None
     columns = meta.get("columns") if isinstance(meta.get("columns"), dict) else None
     try:
         frame = tr.read_trace(trace_path, columns)
@@ -540,6 +602,9 @@ def read_export(trace_path, meta_path=None) -> tuple[dict, pd.DataFrame]:
     missing = [c for c in REQUIRED_TRACE_COLUMNS if c not in frame.columns]
     if missing:
         raise UserError(f"{trace_path.name} is not a declab trace: missing column(s) {', '.join(missing)}")
+    for col, dtype in tr.BASE_DTYPES.items():            # the documented columns are enough: the rest are NA
+        if col not in frame.columns:
+            frame[col] = pd.Series([None] * len(frame), index=frame.index, dtype=dtype)
     if not meta:
         meta = meta_from_frame(frame)
     return meta, frame
@@ -558,7 +623,8 @@ def meta_from_frame(frame: pd.DataFrame) -> dict:
         metrics = summarize(frame)
     except Exception:
         metrics = {}
-    return {"run_id": first("run_id") or uuid.uuid4().hex[:12], "strategy": first("strategy") or "?",
+    trace_id = first("run_id")
+    return {"run_id": trace_id if trace_id and RUN_ID_RE.fullmatch(trace_id) else uuid.uuid4().hex[:12], "strategy": first("strategy") or "?",
             "model": first("model") or "?", "status": "ok", "error": None, "params": {}, "prompt": "",
             "sequences": [{"text": text, "token_ids": ids, "score": None}] if len(tok) else [], "metrics": metrics,
             "note": "imported without metadata: settings unknown, column types inferred"}
