@@ -24,6 +24,7 @@ grid or `params` set `grammar`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -56,7 +57,9 @@ class SweepRun:
     prompt: Prompt
     seed: int
 
-    def request(self, sweep: "Sweep") -> RunRequest:
+    def request(self, sweep) -> RunRequest:
+        """The engine's request for this run; `sweep`: the Sweep or its worker Settings (model, prompt_format,
+        max_new_tokens)."""
         return RunRequest(model=sweep.model, strategy=self.strategy, prompt=self.prompt.text, params=dict(self.params),
                           prompt_format=self.prompt.prompt_format or sweep.prompt_format,
                           max_new_tokens=sweep.max_new_tokens, seed=self.seed)
@@ -202,7 +205,7 @@ def parse_sweep(text: str, base: Path | None = None, registry: Registry | None =
     keys = [r.key for r in runs]
     if len(set(keys)) != len(keys):
         raise UserError("runs: the same strategy and parameters appear twice; give each combination once")
-    return Sweep(**{**sweep.__dict__, "runs": tuple(runs)})
+    return dataclasses.replace(sweep, runs=tuple(runs))
 
 
 def load_sweep(path, registry: Registry | None = None) -> Sweep:
