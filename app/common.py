@@ -30,6 +30,7 @@ import streamlit as st  # noqa: E402
 
 from declab.core import UserError  # noqa: E402
 from declab.core.meta import RunMeta  # noqa: E402
+from declab.run import store as run_store  # noqa: E402
 from declab.models import loading  # noqa: E402
 from declab.models.registry import DEFAULT_PATH, ENV_PATH, ModelSpec, Registry, load_registry  # noqa: E402
 
@@ -57,6 +58,18 @@ def plain(text) -> str:
     return "".join(out)
 
 
+def _store_locked(message: str) -> None:
+    """The run store is locked by another process (declab.run.store.WAIT_NOTICE): said at once, as a toast, on the
+    page that is waiting (a run service's own thread has no page and stays quiet)."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+    if get_script_run_ctx(suppress_warning=True) is not None:
+        st.toast(f"The run library is locked by another process; waiting for it (up to "
+                 f"{run_store.BUSY_TIMEOUT_S:.0f} s).")
+
+
+run_store.WAIT_NOTICE = _store_locked
+
+
 # ---------------------------------------------------------------------------------------------- registry, models
 def registry_path() -> str:
     return str(os.environ.get(ENV_PATH) or DEFAULT_PATH)
@@ -66,8 +79,8 @@ def get_registry() -> Registry:
     """The model registry; a broken models.yaml stops the page with its one-line message."""
     try:
         return load_registry(registry_path())
-    except UserError as e:
-        st.error(f"Model registry: {e}")
+    except UserError as e:                            # the message names models.yaml, not where it is on the server
+        st.error(plain(f"Model registry: {str(e).replace(registry_path(), 'models.yaml')}"))
         st.stop()
 
 

@@ -292,6 +292,17 @@ def test_models_yaml_that_is_not_utf8_is_one_line(tmp_path, capsys, monkeypatch)
     one_error_line(*cli(capsys, "list")[::2], "not UTF-8")
 
 
+def test_models_yaml_that_is_not_utf8_is_a_message_in_the_app(tmp_path, monkeypatch):
+    from tests.test_app import HOME, TIMEOUT
+    path = tmp_path / "models.yaml"
+    path.write_bytes(b"models:\n  x:\n    source: {hub: caf\xe9}\n")
+    monkeypatch.setenv("DECLAB_MODELS", str(path))
+    at = AppTest.from_file(str(HOME), default_timeout=TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    msgs = [e.value for e in at.error]
+    assert any("not UTF" in m for m in msgs) and not any(str(tmp_path) in m for m in msgs), msgs
+
+
 def damage(run_id: str, column: str) -> None:
     with sqlite3.connect(open_store().path) as c:
         if column == "trace":
