@@ -82,7 +82,8 @@ render.show_run(common.RunRecord(meta=meta, frame=frame, label="hostile"), key="
 
 def markdown_sources(at: AppTest) -> list[str]:
     """The markdown text of every element Streamlit renders as markdown (metric values included)."""
-    out = [e.value for kind in ("markdown", "caption", "error", "warning", "info", "success") for e in getattr(at, kind)]
+    kinds = ("markdown", "caption", "error", "warning", "info", "success")
+    out = [e.value for kind in kinds for e in getattr(at, kind)]
     out += [m.value for m in at.metric] + [m.label for m in at.metric]
     return [str(v) for v in out]
 
@@ -415,7 +416,7 @@ def test_progress_bar_tokens_rate_and_eta_on_a_terminal_only(fake_lm):
         return Run(fake_lm, RunRequest(model="fake", strategy="sample", prompt="the cat", max_new_tokens=8, seed=1))
     text, _ = drive(run(), Tty())
     frames = [f for f in text.split("\r\x1b[K") if f]
-    assert frames and frames[-1].startswith("[") and re.search(r"\] \d/8 tokens · 2\.0 tok/s · ETA \d+\.\d s", frames[-1])
+    assert frames and re.match(r"\[#+\.*\] \d/8 tokens · 2\.0 tok/s · ETA \d+\.\d s", frames[-1]), frames
     assert re.search(r"\] 4/8 tokens · 2\.0 tok/s · ETA 2\.0 s", text), frames
     assert text.endswith("\r\x1b[K")                                        # the line is cleared at the end
     silent, _ = drive(run(), io.StringIO())

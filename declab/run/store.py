@@ -624,7 +624,8 @@ def meta_from_frame(frame: pd.DataFrame) -> dict:
     except Exception:
         metrics = {}
     trace_id = first("run_id")
-    return {"run_id": trace_id if trace_id and RUN_ID_RE.fullmatch(trace_id) else uuid.uuid4().hex[:12], "strategy": first("strategy") or "?",
+    run_id = trace_id if trace_id and RUN_ID_RE.fullmatch(trace_id) else uuid.uuid4().hex[:12]
+    return {"run_id": run_id, "strategy": first("strategy") or "?",
             "model": first("model") or "?", "status": "ok", "error": None, "params": {}, "prompt": "",
             "sequences": [{"text": text, "token_ids": ids, "score": None}] if len(tok) else [], "metrics": metrics,
             "note": "imported without metadata: settings unknown, column types inferred"}
