@@ -268,3 +268,38 @@ def test_teach_page_walks_a_step_through_the_chain(fake_registry):
     chain = next(t for t in tables if "stage" in t.columns and "removed (top tokens)" in t.columns)
     assert chain["stage"].tolist() == list(DEFAULT_ORDER)
     assert chain["after"].tolist() == sorted(chain["after"].tolist(), reverse=True)
+
+
+# ------------------------------------------------------------------------------------------------ embedded model
+@pytest.mark.model
+def test_on_the_embedded_model_seeded_runs_reproduce_and_stages_agree(real_lm, monkeypatch):
+    """Default chain on SmolLM2-135M (V = 49152): the same seed gives the same tokens, another seed other ones;
+    per step top_k leaves exactly 40, the counts and masses never grow along the chain, `kept` is the last stage's
+    count, step 0's cuts equal an independent float64 recomputation from the prompt's logits, and temperature 0
+    is the greedy strategy's text."""
+    monkeypatch.delenv("DECLAB_MODELS", raising=False)                   # the real registry
+    lm = real_lm
+    prompt = "The history of the printing press begins"
+
+    def go(seed, strategy="sampler_chain", **params):
+        res = Run(lm, RunRequest(model=lm.key, strategy=strategy, prompt=prompt, params=params, max_new_tokens=8,
+                                 seed=seed, prompt_format="raw")).run_to_end()
+        assert res.status == "ok", res.error
+        return res
+    a, b, c = go(0), go(0), go(1)
+    ids = lambda r: rows(r, "token")["token_id"].tolist()
+    assert ids(a) == ids(b) and ids(a) != ids(c)
+    st, tok = rows(a, "stage"), rows(a, "token")
+    assert (st[st.stage == "top_k"]["n_kept"] == 40).all()
+    for step, s in st.groupby("step"):
+        n, m = s.sort_values("stage_pos")["n_kept"].tolist(), s.sort_values("stage_pos")["mass_kept"].tolist()
+        assert all(x >= y for x, y in zip(n, n[1:])) and all(x >= y - 1e-6 for x, y in zip(m, m[1:]))
+        assert tok.loc[tok.step == step, "kept"].item() == n[-1]
+    with torch.inference_mode():
+        logits = lm.prefill(lm.encode_prompt(prompt, "raw")).logits[0].double()
+    want = reference_default_chain(logits)
+    s0 = st[st.step == 0].sort_values("stage_pos")
+    assert s0["n_kept"].tolist() == [len(w) for w in want]
+    assert s0["mass_kept"].tolist() == pytest.approx([float(logits.softmax(-1)[list(w)].sum()) for w in want],
+                                                     abs=1e-4)
+    assert ids(go(0, temperature=0.0)) == ids(go(0, strategy="greedy"))
