@@ -86,7 +86,8 @@ def metric_vs_param(df: pd.DataFrame, metric: str, param: str) -> go.Figure:
             per_seed = d.groupby("seed")[metric].mean()
             if len(per_seed):
                 fig.add_hline(y=float(per_seed.mean()), line_dash="dot", line_color=color,
-                              annotation_text=_esc(strategy), annotation_position="top left")
+                              annotation_text=_esc(strategy), annotation_font_color=color,
+                              annotation_position=("top left", "bottom left", "top right", "bottom right")[i % 4])
             continue
         d["x"] = pd.to_numeric(d[col], errors="coerce")
         d = d[d["x"].notna()]

@@ -80,7 +80,18 @@ rows = event.selection.rows if event is not None else []
 if rows:
     pick(shown.iloc[rows[0]]["run_id"])
 
-metrics = V.metric_names(df)
+requested = [m for m in info.get("metrics") or [] if m in df.columns]
+metrics = requested + [m for m in V.metric_names(df) if m not in requested]     # the sweep's own metrics first
+log_y = st.toggle("Log scale for the metric axis", key="sw:logy",
+                  help="For metrics that span orders of magnitude, such as perplexity at high temperature.")
+
+
+def show(fig, key: str):
+    if log_y:
+        fig.update_yaxes(type="log")
+    return st.plotly_chart(fig, on_select="rerun", selection_mode="points", key=key)
+
+
 params = V.param_names(df)
 tab_line, tab_grid, tab_pareto = st.tabs(["Metric against a parameter", "Grid heatmap", "Pareto frontier"])
 with tab_line:
@@ -90,8 +101,7 @@ with tab_line:
         c1, c2 = st.columns(2)
         metric = c1.selectbox("Metric", metrics, key="sw:line:metric")
         param = c2.selectbox("Parameter", params, key="sw:line:param")
-        ev = st.plotly_chart(V.metric_vs_param(df, metric, param), on_select="rerun", selection_mode="points",
-                             key=f"sw:line:{out}:{metric}:{param}")
+        ev = show(V.metric_vs_param(df, metric, param), key=f"sw:line:{out}:{metric}:{param}")
         pick(picked_point(ev))
         st.caption("Lines: the mean over prompts, then over seeds; bands: the range of the per-seed means; faint "
                    "points: single runs (click one to pick it). Dotted: strategies without this parameter.")
@@ -120,8 +130,7 @@ with tab_pareto:
                       index=my_options.index("perplexity") if "perplexity" in my_options else 0, key="sw:par:y")
     max_x = c3.radio("x is better when", ["higher", "lower"], horizontal=True, key="sw:par:maxx") == "higher"
     max_y = c4.radio("y is better when", ["higher", "lower"], index=1, horizontal=True, key="sw:par:maxy") == "higher"
-    ev = st.plotly_chart(V.pareto(df, mx, my, max_x, max_y), on_select="rerun", selection_mode="points",
-                         key=f"sw:par:{out}:{mx}:{my}:{max_x}:{max_y}")
+    ev = show(V.pareto(df, mx, my, max_x, max_y), key=f"sw:par:{out}:{mx}:{my}:{max_x}:{max_y}")
     pick(picked_point(ev))
     st.caption("One point per setting (strategy and parameters: the mean over its prompts and seeds); clicking one "
                "picks the setting's first run.")
