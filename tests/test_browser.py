@@ -212,7 +212,7 @@ def test_a_run_survives_its_page_and_stop_shows_at_once(tmp_path):
             # a widget click mid-run (the prompt-format radio) reruns the page: decoding goes on
             run_button.click()
             decoding.wait_for(timeout=30_000)
-            main.get_by_text("chat", exact=True).click()
+            main.get_by_text("chat", exact=True).first.click()
             page.wait_for_timeout(600)
             rows = wait_stored(1)
             assert rows[0]["status"] == "ok" and rows[0]["new_tokens"] == RUN_TOKENS, rows[0]
