@@ -13,9 +13,9 @@ import math
 
 import pytest
 import torch
-from transformers.generation.logits_process import (EpsilonLogitsWarper, EtaLogitsWarper, LogitsProcessor,
-                                                    LogitsProcessorList, MinPLogitsWarper,
-                                                    NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+from transformers.generation.logits_process import (EpsilonLogitsWarper, EtaLogitsWarper, LogitsProcessorList,
+                                                    MinPLogitsWarper, NoRepeatNGramLogitsProcessor,
+                                                    RepetitionPenaltyLogitsProcessor,
                                                     TemperatureLogitsWarper, TopHLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper, TypicalLogitsWarper)
 
@@ -384,33 +384,46 @@ def test_processors_keep_what_transformers_keeps_on_the_models_rows(model_rows):
             assert_same(ban_tokens(row, blocked), ref)
             banned += bool(blocked)
     assert len(rows) > 60 and banned > 20
+    print(f"\nembedded-model rows compared per processor and value: {len(rows)}")
 
 
-class ForceAndRecord(LogitsProcessor):
-    """Appended after transformers' own processors inside `generate`: records the processed scores of each step,
-    then forces the token our run drew, so generate follows the same context."""
+class ForceAndRecord:
+    """Wraps the processor list inside `generate` (transformers applies the user's processors before its sampling
+    warpers, so a processor of ours would see unwarped scores): records the fully processed scores of each step and
+    the classes that made them, then forces the token our run drew, so generate follows the same context."""
 
-    def __init__(self, tokens: list[int]):
-        self.tokens, self.seen = tokens, []
+    def __init__(self, tokens: list[int], monkeypatch):
+        self.tokens, self.seen, self.classes = tokens, [], None
+        original = LogitsProcessorList.__call__
 
-    def __call__(self, input_ids, scores):
-        self.seen.append(scores[0].clone())
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.tokens[len(self.seen) - 1]] = 0.0
-        return forced
+        def call(procs, input_ids, scores, **kwargs):
+            out = original(procs, input_ids, scores, **kwargs)                        # [1, V]
+            self.classes = [type(p).__name__ for p in procs]
+            self.seen.append(out[0].clone())
+            forced = torch.full_like(out, float("-inf"))
+            forced[:, self.tokens[len(self.seen) - 1]] = 0.0
+            return forced
+        monkeypatch.setattr(LogitsProcessorList, "__call__", call)
 
 
 E2E_CASES = [{"typical_p": 0.9}, {"epsilon_cutoff": 3e-4}, {"eta_cutoff": 2e-3}, {"top_h": 0.6},
              {"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2},
              {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "min_p": 0.02, "typical_p": 0.95, "eta_cutoff": 1e-3,
               "repetition_penalty": 1.2, "no_repeat_ngram_size": 3}]
+HF_ORDER = ("repetition_penalty", "no_repeat_ngram_size", "temperature", "top_h", "top_k", "top_p", "min_p",
+            "typical_p", "epsilon_cutoff", "eta_cutoff")     # sample's order, which generate must also apply
+HF_CLASSES = {"repetition_penalty": "RepetitionPenaltyLogitsProcessor",
+              "no_repeat_ngram_size": "NoRepeatNGramLogitsProcessor", "temperature": "TemperatureLogitsWarper",
+              "top_h": "TopHLogitsWarper", "top_k": "TopKLogitsWarper", "top_p": "TopPLogitsWarper",
+              "min_p": "MinPLogitsWarper", "typical_p": "TypicalLogitsWarper", "epsilon_cutoff": "EpsilonLogitsWarper",
+              "eta_cutoff": "EtaLogitsWarper"}
 HF_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
                "eta_cutoff": 0.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "top_h": None}
 
 
 @pytest.mark.model
 @pytest.mark.parametrize("cfg", E2E_CASES, ids=lambda c: "+".join(c))
-def test_sample_matches_transformers_generate_step_by_step(real_lm, cfg):
+def test_sample_matches_transformers_generate_step_by_step(real_lm, cfg, monkeypatch):
     """transformers' generate(do_sample=True, ...) builds its own processor list; at every step of our run its
     processed distribution keeps as many tokens (k finite, kept nonzero) and gives our token the same ln p.
     The random streams differ (inverse CDF vs torch.multinomial), so generate is forced onto our tokens."""
@@ -419,12 +432,13 @@ def test_sample_matches_transformers_generate_step_by_step(real_lm, cfg):
     tokens = res.frame[res.frame.kind == "token"]
     drawn = tokens.token_id.astype(int).tolist()
     ids = real_lm.encode_prompt(prompt, "raw")
-    rec = ForceAndRecord(drawn)
+    rec = ForceAndRecord(drawn, monkeypatch)
     with torch.inference_mode():
         real_lm.model.generate(torch.tensor([ids]), do_sample=True, max_new_tokens=len(drawn),
-                               logits_processor=LogitsProcessorList([rec]),
                                pad_token_id=real_lm.tokenizer.eos_token_id, **{**HF_DEFAULTS, **cfg})
     assert len(rec.seen) == len(drawn)
+    # generate's own list, in sample's order (min_p = 0.0 is passed, so its warper is always there)
+    assert rec.classes == [HF_CLASSES[k] for k in HF_ORDER if k in cfg or k == "min_p"]
     for row, ref in zip(tokens.itertuples(), rec.seen):
         probs = ref.softmax(-1)
         assert row.k == int(torch.isfinite(ref).sum()) and row.kept == int((probs > 0).sum())
