@@ -247,7 +247,7 @@ def test_a_run_survives_its_page_and_stop_shows_at_once(tmp_path):
             page.goto(f"{url}/library", wait_until="domcontentloaded")
             main = page.locator("[data-testid='stMain']").first
             main.get_by_text("3 of 3 stored runs shown", exact=False).wait_for(timeout=30_000)
-            main.get_by_text("Choose runs to open, compare, tag, delete or export").click()
+            main.locator("[data-testid='stMultiSelect']").last.locator("input").click()   # "Select runs"
             options = page.get_by_role("option")
             options.first.wait_for(timeout=10_000)
             labels = options.all_inner_texts()
