@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from declab.run import Run, RunRequest, get_lm, versions
+from declab.sweep.prompts import CHAT
 from strategies.spec_tree import DRAFTERS
 
 TARGET, DRAFT = "smollm2-135m-instruct", "smollm2-135m-draft"
@@ -64,14 +65,7 @@ CHAIN_GAMMA = 4
 BRANCHING = {8: 2, 16: 3, 32: 4}                 # tree budget -> children per node (other budgets: nearest key)
 
 PROMPTS = {
-    "open": [
-        "Explain how a rainbow forms, in a few sentences.",
-        "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-        "Give me some advice on how to start running as a complete beginner.",
-        "What are the main differences between living in a city and living in a village?",
-        "Describe your ideal weekend in a short paragraph.",
-        "Why do people enjoy listening to music? Give three reasons.",
-    ],
+    "open": list(CHAT[1:7]),          # chat questions (declab/sweep/prompts.py, the sweeps' `chat` set)
     "grounded": [
         "Correct the spelling and grammar in this text and return only the corrected text:\n\n"
         "Yesterday me and my freind goes to the libary to borrow some book about the history of the city. The "

@@ -29,6 +29,7 @@ import torch
 
 from declab.run import Run, RunRequest
 from tests.fake import FakeLM, drafted_logits, hashed_logits, no_eos
+from tests.test_uscd import context_logits
 
 DATA = Path(__file__).parent / "data" / "uscd" / "human_eval_neg.jsonl"
 
@@ -37,15 +38,6 @@ def tokens(res):
     return res.frame[res.frame.kind == "token"].reset_index(drop=True)
 
 
-def context_logits(V: int, scale: float = 2.5):
-    def fn(context: list[int]) -> torch.Tensor:
-        h = 0
-        for t in context:
-            h = (h * 1_000_003 + t + 1) % (2 ** 31)
-        out = torch.randn(V, generator=torch.Generator().manual_seed(h)) * scale
-        out[0] = -30.0
-        return out
-    return fn
 
 
 # ------------------------------------------------------------------------------------------------ 1. USCD lame row
