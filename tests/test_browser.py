@@ -247,10 +247,12 @@ def test_a_run_survives_its_page_and_stop_shows_at_once(tmp_path):
             page.goto(f"{url}/library", wait_until="domcontentloaded")
             main = page.locator("[data-testid='stMain']").first
             main.get_by_text("3 of 3 stored runs shown", exact=False).wait_for(timeout=30_000)
-            main.locator("[data-testid='stMultiSelect']").last.locator("input").click()   # "Select runs"
+            select = main.locator("input[aria-label='Select runs']")        # the widget's label is its aria-label
+            select.wait_for(timeout=30_000)
+            select.click()
             options = page.get_by_role("option")
             options.first.wait_for(timeout=10_000)
-            labels = options.all_inner_texts()
+            labels = [t for t in options.all_inner_texts() if " · " in t]     # the runs (not "Select all")
             page.screenshot(path="/tmp/declab-library.png")
             assert sorted(" · stopped · " in t for t in labels) == [False, False, True], labels
             assert sum(" · ok · " in t for t in labels) == 2, labels

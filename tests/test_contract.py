@@ -160,7 +160,8 @@ def test_foreign_metadata_reads_as_text_and_keeps_unknown_keys():
                            "future_key": [1, 2]})
     assert m.strategy == "{'x': 1}" and m.model == "3" and m.seed is None and m.metrics == {}
     assert m.sequences == [] and m.schema == 0 and m.to_dict()["future_key"] == [1, 2]
-    assert RunMeta.from_dict(None).strategy == "?" and RunMeta().stem == "declab-?-trace"
+    # a stem is a file name: safe characters only (issue 23)
+    assert RunMeta.from_dict(None).strategy == "?" and RunMeta().stem == "declab-_-trace"
 
 
 # ------------------------------------------------------------------------------------------------ the run service

@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"smollm2-135m-instruct", "smollm2-135m-draft"}
-NUM_STRATEGIES = 15
+NUM_STRATEGIES = 18                 # as tests/test_contract.py: the 15 of waves one and two, sampler_chain, cautious, adadec
 IGNORED = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", "*.egg-info", "build", "dist",
                                  ".pytest_cache", "node_modules", "results")
 
