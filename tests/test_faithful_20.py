@@ -29,7 +29,7 @@ import torch
 
 from declab.run import Run, RunRequest
 from tests.fake import FakeLM, drafted_logits, hashed_logits, no_eos
-from tests.test_uscd import context_logits
+from tests.test_uscd import Recorder, context_logits
 
 DATA = Path(__file__).parent / "data" / "uscd" / "human_eval_neg.jsonl"
 
@@ -83,13 +83,6 @@ def test_lame_prompt_agreement_with_the_references_humaneval_lame_prompts():
 
 
 # ------------------------------------------------------------------------------------------------ 3. CD
-class Recorder:
-    def __init__(self, fn):
-        self.fn, self.contexts = fn, []
-
-    def __call__(self, context):
-        self.contexts.append(list(context))
-        return self.fn(context)
 
 
 def test_cd_last_token_amateur_sees_only_the_last_prompt_token_and_the_generation(fake_registry):
