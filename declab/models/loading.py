@@ -25,6 +25,7 @@ from declab.core.errors import UserError
 from declab.core.paths import cache_root, package_folder
 from declab.models.draft import build_draft_model, weights_path
 from declab.models.lm import LM
+from declab.models.packed import pack_linears, use_packed
 from declab.models.registry import DEFAULT_PATH, SOURCE_KINDS, ModelSpec, load_registry
 
 Loader = Callable[[ModelSpec], LM]
@@ -135,7 +136,10 @@ def _load_draft(spec: ModelSpec) -> LM:
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     model, _info = build_draft_model(model, weights)
-    return LM(model.to(device), tokenizer, spec, device=device, dtype=dtype, quantization="none")
+    model = model.to(device)
+    if use_packed(spec.kernels, device, dtype, "none"):
+        pack_linears(model)
+    return LM(model, tokenizer, spec, device=device, dtype=dtype, quantization="none")
 
 
 def _load_transformers(spec: ModelSpec) -> tuple[LM, bool]:
@@ -184,4 +188,6 @@ def _load_transformers(spec: ModelSpec) -> tuple[LM, bool]:
         prefix = model.base_model_prefix
         setattr(model, prefix, torch.ao.quantization.quantize_dynamic(getattr(model, prefix), {torch.nn.Linear},
                                                                      dtype=torch.qint8))
+    if use_packed(spec.kernels, device, dtype, spec.quantization):
+        pack_linears(model)                        # the exact fast CPU path (int8: the float32 LM head)
     return LM(model, tokenizer, spec, device=device, dtype=dtype, quantization=spec.quantization), cached

@@ -18,9 +18,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "bnb-4bit", "bnb-8bit", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 CACHES = ("dynamic", "static")
+KERNELS = ("auto", "onednn", "transformers")     # declab/models/packed.py
 SOURCE_KINDS = ["hub", "path", "package", "draft"]    # more through declab.models.loading.register_source
 FIELDS = ("source", "dtype", "quantization", "device", "chat", "context_length", "description", "pairs",
-          "trust_remote_code", "cache")
+          "trust_remote_code", "cache", "kernels")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class ModelSpec:
     pairs: tuple[str, ...] = ()
     trust_remote_code: bool = False
     cache: str = "dynamic"
+    kernels: str = "auto"           # CPU float32 linears: auto | onednn (packed, declab/models/packed.py) | transformers
 
     @property
     def source_text(self) -> str:
@@ -92,7 +94,7 @@ def _entry(key: str, raw, where: str) -> ModelSpec:
     if kinds[0] == "draft" and not source.get("base"):
         bad("source", "a draft source needs the key of its base model (base: KEY)")
     for field, allowed in (("dtype", DTYPES), ("quantization", QUANTIZATIONS), ("device", DEVICES),
-                           ("cache", CACHES)):
+                           ("cache", CACHES), ("kernels", KERNELS)):
         if raw.get(field, allowed[0]) not in allowed:
             bad(field, f"must be one of {', '.join(allowed)}, got {raw.get(field)!r}")
     ctx = raw.get("context_length", 2048)
@@ -108,7 +110,7 @@ def _entry(key: str, raw, where: str) -> ModelSpec:
                      quantization=raw.get("quantization", "none"), device=raw.get("device", "auto"),
                      chat=raw.get("chat", True), context_length=ctx, description=str(raw.get("description", "")),
                      pairs=tuple(pairs), trust_remote_code=raw.get("trust_remote_code", False),
-                     cache=raw.get("cache", "dynamic"))
+                     cache=raw.get("cache", "dynamic"), kernels=raw.get("kernels", "auto"))
 
 
 def load_registry(path: str | Path | None = None) -> Registry:
