@@ -47,8 +47,9 @@ def resolve_dtype(spec: ModelSpec, device: str) -> torch.dtype:
 
 
 def embedded_folder(spec: ModelSpec) -> Path:
-    """The safetensors copy of a package+gguf entry, converted once (atomically) on first use."""
-    target = cache_root() / "models" / spec.key
+    """The safetensors copy of a package+gguf entry, converted once (atomically) on first use and shared by every
+    entry over the same file (the stock-kernel and int8 variants of the embedded model)."""
+    target = cache_root() / "models" / f"{spec.source['package']}--{Path(spec.source['gguf']).stem}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,7 +64,7 @@ def embedded_folder(spec: ModelSpec) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.key}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:

@@ -10,9 +10,9 @@ forward costs about 1.2 of a 1-position one (bench/fast_path.py measures both on
 
 It is exact float32 arithmetic: the same products, summed in another order, so logits differ from transformers'
 kernels by float rounding (about 1e-6 relative) and an argmax can differ only where two logits tie to that
-precision; `make bench` counts how often greedy output equals `generate`'s (stock kernels). Each row of a
-multi-position forward is bit-identical to the same position computed alone, so a speculative verification sees
-exactly the logits a token-by-token run would.
+precision; `make bench` counts how often greedy output equals `generate`'s (stock kernels). A packed linear's rows
+do not depend on how many positions go through it together (tests/test_packed.py); a whole multi-position forward
+(a speculative verification) still differs from token-by-token forwards by the attention's float rounding.
 
 models.yaml `kernels`: auto (this path on CPU in float32 where PyTorch has oneDNN, else transformers' own),
 onednn (this path; an error where it cannot run), transformers (stock kernels, bit-identical to `generate`).
@@ -42,8 +42,6 @@ class PackedLinear(torch.nn.Linear):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)   # oneDNN's layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                               # [..., in] -> [..., out]
-        if x.dtype != torch.float32 or x.device.type != "cpu":
-            return torch.nn.functional.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
