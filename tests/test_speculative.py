@@ -322,6 +322,17 @@ def test_speedup_is_measured_in_the_same_run(fake_registry):
     assert m["speedup"] == pytest.approx(m["target_only_ms"] / m["spec_ms"], abs=1e-4)
 
 
+def test_tokens_per_s_counts_the_runs_own_decoding_not_the_speedup_baseline(fake_registry):
+    """measure_speedup times target-only decoding inside the run; the run's wall time and tokens/s leave it out."""
+    target, draft = pair()
+    target.delay_s = 0.01                # every target forward takes >= 10 ms, so the baseline is visible
+    res = run(target, draft, n=20, measure_speedup=True)
+    m, wall = res.meta["metrics"], res.meta["wall_s"]
+    assert m["target_only_ms"] >= 20 * 10
+    assert wall == pytest.approx(m["spec_ms"] / 1000, abs=0.05)            # the strategy's own decoding time
+    assert m["tokens_per_s"] == pytest.approx(m["new_tokens"] / wall, rel=1e-3)
+
+
 def test_bad_draft_settings_are_refused(fake_registry):
     with pytest.raises(UserError, match="draft must be"):
         get_strategy("speculative").make_config({"draft": " "})

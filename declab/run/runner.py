@@ -119,6 +119,9 @@ class Run:
         metrics = summarize(frame)
         if ctx.metrics is not None:                 # what the strategy measured itself (speedup, switches...)
             metrics.update(ctx.metrics.as_dict())
+        # wall time and tokens/s count the run's own decoding: a speedup measurement's target-only decoding, timed
+        # inside the run (metrics target_only_ms), is reported apart
+        wall_s = max(wall_s - (metrics.get("target_only_ms") or 0.0) / 1000.0, 0.0)
         new_tokens = len(sequences[0].token_ids) if sequences else 0
         metrics.update(new_tokens=new_tokens, tokens_per_s=round(new_tokens / wall_s, 3) if wall_s > 0 else 0.0)
         meta = RunMeta(
