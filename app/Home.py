@@ -11,7 +11,8 @@ import streamlit as st
 # an emoji page icon is drawn in the browser (a `:material/...:` one is fetched from a font CDN)
 st.set_page_config(page_title="declab", page_icon="🧪", layout="wide")
 
-import jobs  # noqa: E402  (app/ is on sys.path: Streamlit adds the main script's folder)
+import common  # noqa: E402  (app/ is on sys.path: Streamlit adds the main script's folder)
+import jobs  # noqa: E402
 
 run_page = st.Page("views/run.py", title="Run", icon=":material/play_arrow:", url_path="run")
 
@@ -34,5 +35,6 @@ pages = [
 ]
 page = st.navigation(pages)
 sidebar = st.sidebar.empty()
+common.settings_sidebar()
 page.run()
 jobs.sidebar_status(sidebar)   # after the page, which may just have collected a run (pages avoid st.stop())

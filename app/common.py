@@ -31,6 +31,7 @@ import streamlit as st  # noqa: E402
 from declab.core import UserError  # noqa: E402
 from declab.core.meta import RunMeta  # noqa: E402
 from declab.run import store as run_store  # noqa: E402
+from declab.run import threads  # noqa: E402
 from declab.models import loading  # noqa: E402
 from declab.models.registry import DEFAULT_PATH, ENV_PATH, ModelSpec, Registry, load_registry  # noqa: E402
 
@@ -42,6 +43,7 @@ K_SERVICE = "declab_service"          # the RunService decoding right now (or fi
 K_LAST = "declab_last"                # {"run": run_id, "compare": [run_ids], "teach": run_id, "explorer": run_id}
 K_NOTICE = "declab_notice"            # messages to show once after a batch is collected
 K_COUNTER = "declab_counter"
+K_THREADS = "declab_threads"          # the sidebar's torch threads per run: 0 = auto (declab/run/threads.py)
 
 
 # ---------------------------------------------------------------------------------------------- plain text
@@ -189,3 +191,19 @@ def run_picker(label: str, key: str, prefer: str | None = None) -> RunRecord | N
     labels = {r.run_id: r.label for r in history}
     chosen = st.selectbox(label, ids, format_func=lambda i: labels.get(i, i), key=key)
     return find_run(chosen)
+
+
+def thread_setting() -> str | int:
+    """The torch threads a run started from this session takes: 'auto' (the sidebar's 0, the default) or N."""
+    n = int(st.session_state.get(K_THREADS, 0) or 0)
+    return n if n > 0 else "auto"
+
+
+def settings_sidebar() -> None:
+    """The sidebar's settings: torch threads per run."""
+    with st.sidebar.expander("Settings", icon=":material/settings:"):
+        st.number_input("Torch threads per run", min_value=0, max_value=max(64, threads.cores()), step=1,
+                        key=K_THREADS,
+                        help=f"0 = auto: the {threads.cores()} cores this app may use, minus those busy with other "
+                             "work when the run starts (a second run or process then shares the cores instead of "
+                             "fighting over them). A number: exactly that many threads.")

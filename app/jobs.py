@@ -64,7 +64,7 @@ def start_batch(kind: str, model: str, requests: list[tuple[str, RunRequest]]) -
     except Exception as e:  # e.g. out of memory while loading: a message, never a traceback, nothing lost
         st.error(common.plain(f"Could not start the run: {type(e).__name__}: {e}"))
         return None
-    service = RunService(jobs=jobs, kind=kind, source="app")
+    service = RunService(jobs=jobs, kind=kind, source="app", threads=common.thread_setting())
     st.session_state[common.K_SERVICE] = service
     return service.start()
 

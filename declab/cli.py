@@ -43,6 +43,7 @@ from declab.models.registry import load_registry
 from declab.run import Run, RunRequest, get_lm, validate
 from declab.run import observatory as obs
 from declab.run import store as run_store
+from declab.run import threads
 from declab.run.progress import ProgressBar
 from declab.run.service import Job, RunService
 from declab.run.store import check_writable, writing
@@ -311,6 +312,10 @@ def wait_until_interrupted(service: RunService, tick=None) -> None:
 
 
 def _command(args) -> int:
+    try:
+        threads.parse(os.environ.get(threads.ENV))           # a bad thread setting is said before any work
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if args.command == "runs":
         return cmd_runs(args)
     if args.command == "drafters":

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass
 
 import pandas as pd
+import torch
 
 from declab import __version__
 from declab.core import Progress, RunContext, Sequence, UserError
@@ -123,7 +124,8 @@ class Run:
         # inside the run (metrics target_only_ms), is reported apart
         wall_s = max(wall_s - (metrics.get("target_only_ms") or 0.0) / 1000.0, 0.0)
         new_tokens = len(sequences[0].token_ids) if sequences else 0
-        metrics.update(new_tokens=new_tokens, tokens_per_s=round(new_tokens / wall_s, 3) if wall_s > 0 else 0.0)
+        metrics.update(new_tokens=new_tokens, tokens_per_s=round(new_tokens / wall_s, 3) if wall_s > 0 else 0.0,
+                       torch_threads=torch.get_num_threads())
         meta = RunMeta(
             run_id=self.run_id, status=status, error=error, model=lm.key, model_source=self.spec.source_text,
             quantization=lm.quantization, dtype=str(lm.dtype).replace("torch.", ""), device=str(lm.device),

@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass, field
 
 from declab.core import UserError
+from declab.run import threads
 from declab.run.runner import Run
 from declab.run.store import open_store
 
@@ -39,6 +40,9 @@ class RunService:
     errors: dict = field(default_factory=dict)   # job index -> one-line message (a UserError raised mid-run)
     unsaved: dict = field(default_factory=dict)  # job index -> why its run is not in the run library
     collected: bool = False                      # the app moved the results into its session history
+    threads: str | int | None = None             # torch threads per run: None = $DECLAB_THREADS (default auto),
+                                                 # 'auto' or N (declab/run/threads.py)
+    used_threads: dict = field(default_factory=dict)   # job index -> the thread count it ran with
 
     def start(self) -> "RunService":
         threading.Thread(target=self._work, daemon=True, name=f"declab-{self.kind}").start()
@@ -53,8 +57,10 @@ class RunService:
                 if self.stop_all.is_set():
                     job.run.stop.set()
                 try:
-                    for _ in job.run.events():
-                        pass
+                    with threads.decoding(self.threads) as chosen:
+                        self.used_threads[i] = chosen.threads
+                        for _ in job.run.events():
+                            pass
                 except UserError as e:
                     self.errors[i] = str(e)
                 except Exception as e:  # the runner records failures itself; this is a last resort
