@@ -75,7 +75,7 @@ from declab.core.tree import DraftTree
 from declab.core.verify import verify_tree
 from strategies.speculative import ModelDrafter
 from strategies.tree_drafters import TreeDrafter, make_tree_drafter
-from strategies.two_model import ModelState, common_prefix, named_model, probs, record_speedup
+from strategies.two_model import DRAFTER_ADVICE, ModelState, common_prefix, named_model, probs, record_speedup
 
 DRAFTERS = ("model", "aded", "token_recycling", "lookahead", "prompt_lookup")
 VERIFY = ("auto", "greedy", "multi_round", "spectr", "rsd")
@@ -245,6 +245,7 @@ class SpecTree(Strategy):
     title = "Tree speculative decoding (draft trees, multi-draft verification)"
     paper = ("Miao et al. 2023, SpecInfer; Sun et al. 2023, SpecTr; Jeon et al. 2024, Recursive Speculative "
              "Decoding; drafters from ADED, Token Recycling, Lookahead, prompt lookup")
+    advice = DRAFTER_ADVICE
     explanation = ("Speculative decoding with a tree instead of a chain: the drafter proposes several alternatives at "
                    "each position, and the big model checks the whole tree in one forward pass, every node seeing "
                    "only its own ancestors. The longest branch the big model agrees with is kept, plus one token of "

@@ -79,7 +79,8 @@ from declab.core.sampling import draw_from, entropy_bits
 from declab.core import (Config, ModelNeed, Needs, Progress, RunContext, RunGen, Sequence, Strategy, param,
                          register)
 from declab.core.metrics import SpeculativeMetrics
-from strategies.two_model import (ModelState, expected_tokens_per_round, named_model, probs, record_speedup,
+from strategies.two_model import (DRAFTER_ADVICE, ModelState, expected_tokens_per_round, named_model, probs,
+                                  record_speedup,
                                   speculative_step)
 
 MODEL_FREE = ("ngram", "prompt_lookup")
@@ -266,6 +267,7 @@ class Speculative(Strategy):
                    "in greedy mode); at the first miss the big model's own choice replaces it, and when every guess "
                    "passes it adds one more token for free. The text follows exactly the big model's distribution, "
                    "yet several tokens can come out of one expensive pass.")
+    advice = DRAFTER_ADVICE
     Config = SpeculativeConfig
     deterministic = False
     roles = ("draft",)

@@ -97,6 +97,29 @@ def test_parameter_form_is_generated_from_the_strategy_spec(app):
         assert p["range"] in widget.help
 
 
+def test_the_speculative_strategies_say_which_drafter_to_pick(app):
+    for name in ("speculative", "spec_tree"):
+        app.selectbox(key="run:strategy").set_value(name).run()
+        ok(app)
+        advice = [i.value for i in app.info if "Which drafter" in i.value]
+        assert advice and "prompt_lookup" in advice[0] and "open-ended chat" in advice[0]
+    app.selectbox(key="run:strategy").set_value("greedy").run()
+    assert not [i.value for i in app.info if "Which drafter" in i.value]
+
+
+def test_the_sidebar_sets_the_threads_a_run_takes(app):
+    import torch
+    before = torch.get_num_threads()
+    try:
+        app.sidebar.number_input(key="declab_threads").set_value(1).run()
+        ok(app)
+        run_default(app)
+        (rec,) = session_runs(app)
+        assert rec.meta["metrics"]["torch_threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def _registered_strategies() -> list[str]:
     import strategies  # noqa: F401
     from declab.core import STRATEGIES

@@ -31,6 +31,8 @@ strategy = forms.all_strategies().get(obs.STRATEGY)
 if strategy is None:
     st.error(f"The strategy '{obs.STRATEGY}' is not installed, so there are no drafters to compare.")
     st.stop()
+if strategy.advice:
+    st.info(strategy.advice, icon=":material/lightbulb:")
 spec = forms.model_select(registry, key="drf:model")
 setup = forms.prompt_inputs(spec, prefix="drf")
 legal = list(obs.legal_drafters())

@@ -17,6 +17,8 @@ with c1:
 with c2:
     strategy = forms.strategy_select(key="run:strategy")
     st.caption(strategy.paper)
+if strategy.advice:
+    st.info(strategy.advice, icon=":material/lightbulb:")
 
 setup = forms.prompt_inputs(spec, prefix="run")
 with st.expander(f"Parameters of {strategy.name}", expanded=bool(strategy.params())):

@@ -58,6 +58,7 @@ class Strategy:
     title: ClassVar[str]
     paper: ClassVar[str] = ""
     explanation: ClassVar[str] = ""       # a short card for students
+    advice: ClassVar[str] = ""            # when to pick which setting, with what was measured (shown in the app)
     Config: ClassVar[type[Config]]
     deterministic: ClassVar[bool] = True
     roles: ClassVar[tuple[str, ...]] = ()           # second models it can use (draft / small / amateur)
