@@ -34,8 +34,10 @@ test: setup browser
 test-fast: setup
 	$(PY) -m pytest -q -m "not model and not browser"
 
-bench: setup
+bench: setup browser
 	$(PY) -m bench.run
+	$(PY) -m bench.speculative_cpu --reps 1
+	$(PY) -m bench.app_speed
 
 clean:
 	rm -rf $(VENV) .pytest_cache

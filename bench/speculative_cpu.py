@@ -53,6 +53,10 @@ CONFIGS = {
                                         "tree_depth": 4}),
     "tree model b8": ("spec_tree", {"drafter": "model", "tree_budget": 8, "branching": 2, "tree_depth": 4}),
 }
+SET_CONFIGS = {                         # what runs on which set by default (--configs overrides)
+    "grounded": ("prompt_lookup g4", "prompt_lookup g16", "prompt_lookup g24"),
+    "open": ("prompt_lookup g4", "ngram g8", "model draft g4", "tree recycling b8", "tree model b8"),
+}
 TARGETS = {"grounded": ("prompt_lookup g16", 4.5), "open": (None, 1.2)}   # set -> (row held to it, or the best)
 
 
@@ -68,8 +72,8 @@ def open_prompts() -> list[tuple[str, str]]:
 SETS = {"grounded": grounded_prompts, "open": open_prompts}
 
 
-def timed_run(lm, strategy: str, prompt: str, tokens: int, params: dict):
-    req = RunRequest(model=lm.key, strategy=strategy, prompt=prompt, prompt_format="chat",
+def timed_run(lm, strategy: str, prompt: str, tokens: int, params: dict, prompt_format: str = "chat"):
+    req = RunRequest(model=lm.key, strategy=strategy, prompt=prompt, prompt_format=prompt_format,
                      params=dict(params, measure_speedup=False) if strategy != "greedy" else {},
                      max_new_tokens=tokens, seed=0)
     run = Run(lm, req)
@@ -81,26 +85,28 @@ def timed_run(lm, strategy: str, prompt: str, tokens: int, params: dict):
     return wall, res
 
 
-def prefill_s(lm, prompt: str) -> float:
-    ids = lm.encode_prompt(prompt, "chat")
+def prefill_s(lm, prompt: str, prompt_format: str = "chat") -> float:
+    ids = lm.encode_prompt(prompt, prompt_format)
     t0 = time.perf_counter()
     lm.prefill(ids)
     return time.perf_counter() - t0
 
 
-def measure(lm, sets: dict, configs: dict, tokens: int, reps: int) -> tuple[list[dict], list[str]]:
-    """Per (set, config): the medians described in the module docstring, and the mismatches found."""
+def measure(lm, sets: dict, configs: dict, tokens: int, reps: int, prompt_format: str = "chat"
+            ) -> tuple[list[dict], list[str]]:
+    """Per (set, config): the medians described in the module docstring, and the mismatches found. `configs`:
+    set -> {label: (strategy, params)}."""
     samples: dict = {}
     mismatches = []
     for name, fn in sets.items():
         for pname, text in fn():
-            timed_run(lm, "greedy", text, 4, {})                  # warm-up of this prompt's shapes, untimed
+            timed_run(lm, "greedy", text, 4, {}, prompt_format)   # warm-up of this prompt's shapes, untimed
             for _ in range(reps):
-                pre = prefill_s(lm, text)
-                g_wall, g = timed_run(lm, "greedy", text, tokens, {})
+                pre = prefill_s(lm, text, prompt_format)
+                g_wall, g = timed_run(lm, "greedy", text, tokens, {}, prompt_format)
                 ref = g.sequences[0].token_ids
-                for label, (strategy, params) in configs.items():
-                    wall, res = timed_run(lm, strategy, text, tokens, params)
+                for label, (strategy, params) in configs[name].items():
+                    wall, res = timed_run(lm, strategy, text, tokens, params, prompt_format)
                     got = res.sequences[0].token_ids
                     if got != ref:
                         mismatches.append(f"{name}/{pname} {label}: output differs from target-only greedy")
@@ -113,14 +119,15 @@ def measure(lm, sets: dict, configs: dict, tokens: int, reps: int) -> tuple[list
                     s["same"] &= got == ref
     rows = []
     for name in sets:
-        for label in configs:
+        for label in configs[name]:
             per = [v for (n, lab, _p), v in samples.items() if n == name and lab == label]
             if not per:
                 continue
             med = statistics.median
             speed = [med(v["g"]) / med(v["wall"]) for v in per]
             decode = [(med(v["g"]) - med(v["pre"])) / max(med(v["wall"]) - med(v["pre"]), 1e-3) for v in per]
-            rows.append({"set": name, "config": label, "strategy": configs[label][0], "params": configs[label][1],
+            strategy, params = configs[name][label]
+            rows.append({"set": name, "config": label, "strategy": strategy, "params": params,
                          "speedup": round(med(speed), 3), "decode_speedup": round(med(decode), 3),
                          "tokens_per_round": round(med(med(v["tpr"]) for v in per), 3),
                          "same": f"{sum(v['same'] for v in per)}/{len(per)}", "prompts": len(per),
@@ -148,16 +155,18 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--sets", default="grounded,open")
     ap.add_argument("--prompts", type=int, default=None, help="at most this many prompts per set")
-    ap.add_argument("--configs", default=None, help=f"comma-separated labels (default all: {', '.join(CONFIGS)})")
+    ap.add_argument("--configs", default=None, help=f"comma-separated labels for every set (default: each set's own "
+                                                    f"list; all: {', '.join(CONFIGS)})")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    configs = {k: CONFIGS[k] for k in (args.configs.split(",") if args.configs else CONFIGS)}
-    sets = {}
+    sets, configs = {}, {}
     for name in args.sets.split(","):
         prompts = SETS[name]()[: args.prompts]
         sets[name] = (lambda p=prompts: p)
+        labels = args.configs.split(",") if args.configs else SET_CONFIGS[name]
+        configs[name] = {k: CONFIGS[k] for k in labels}
     lm = get_lm(MODEL)
     t0 = time.perf_counter()
     rows, mismatches = measure(lm, sets, configs, args.tokens, args.reps)
