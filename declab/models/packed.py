@@ -2,11 +2,12 @@
 
 On a CPU, decoding a small model is bound by how fast the weights stream from memory. transformers' `nn.Linear`
 calls MKL's GEMV for one new position and a GEMM that re-packs the whole weight matrix on every call for 2-16
-positions (a speculative verification), so on this lab's 2-core reference machine a 1-position forward reads the
-weights at about 12 GB/s and a 4-position forward costs about 1.7 of it. oneDNN's linear with the weight kept in its
-own blocked layout (`torch.ops.mkldnn._reorder_linear_weight` once at load, then `_linear_pointwise`: what
-torch.compile's CPU "freezing" pass emits, without compiling anything) reads them at about 18 GB/s and a 4-position
-forward costs about 1.2 of a 1-position one (bench/fast_path.py measures both on the embedded model).
+positions (a speculative verification). oneDNN's linear with the weight kept in its own blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight` once at load, then `_linear_pointwise`: what torch.compile's CPU
+"freezing" pass emits, without compiling anything) streams them faster and needs no re-packing. On this lab's
+2-core reference machine (bench/fast_path.py, the embedded model): a 1-position forward takes 0.90x the stock
+time, 2-16 positions 0.56-0.65x, and a 4-position forward costs 1.28 of a 1-position one (stock: 1.78), which is
+what makes speculative verification pay on a CPU.
 
 It is exact float32 arithmetic: the same products, summed in another order, so logits differ from transformers'
 kernels by float rounding (about 1e-6 relative) and an argmax can differ only where two logits tie to that
