@@ -11,6 +11,10 @@ import pytest
 import tests.fake  # noqa: F401  (registers the `fake` model source kind)
 
 os.environ.setdefault("DECLAB_PLUGINS", "tests.fake")       # subprocesses (CLI, app) register it too
+# every run the service starts takes a fixed thread count (torch's default here), not `auto`'s free cores: seeded
+# sampling is only reproducible at one thread count, and a busy machine must not change what a test decodes
+# (tests/test_threads.py tests auto itself)
+os.environ.setdefault("DECLAB_THREADS", str(os.cpu_count() or 1))
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_REGISTRY = ROOT / "tests" / "data" / "models-fake.yaml"

@@ -34,7 +34,7 @@ def cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def busy_elsewhere(samples: int = 5, gap_s: float = 0.01) -> int:
+def busy_elsewhere(samples: int = 3, gap_s: float = 0.005) -> int:
     """Runnable threads on the machine besides the one asking: the 4th field of /proc/loadavg ('running/total',
     which counts the caller too), the least of a few readings `gap_s` apart, so a thread that runs for a moment
     (a page being drawn) is not taken for a busy core; 0 where /proc is missing."""
