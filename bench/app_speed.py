@@ -78,10 +78,11 @@ def app_run(page, url: str, tokens: int) -> str:
     return prompt
 
 
-def last_app_tokens_per_s(store_path: Path) -> float:
+def last_app_run(store_path: Path) -> tuple[float, int | None]:
+    """tokens/s and torch threads of the newest run the app kept in the run library."""
     store = open_store(str(store_path))
     meta, _frame = store.get(store.list(source="app", limit=1)[0]["run_id"])
-    return float(meta["metrics"]["tokens_per_s"])
+    return float(meta["metrics"]["tokens_per_s"]), meta["metrics"].get("torch_threads")
 
 
 def cli_tokens_per_s(prompt: str, tokens: int, env: dict) -> float:
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
         return 0
     from playwright.sync_api import sync_playwright
 
-    app_tps, cli_tps = [], []
+    app_tps, cli_tps, app_threads = [], [], []
     with tempfile.TemporaryDirectory() as work:
         store = Path(work) / "runs.sqlite"
         env = dict(os.environ, DECLAB_STORE=str(store), STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
@@ -116,7 +117,9 @@ def main(argv=None) -> int:
                 prompt = app_run(page, url, 8)                       # warm-up: loads the model into the app
                 for _ in range(args.reps):
                     app_run(page, url, args.tokens)
-                    app_tps.append(last_app_tokens_per_s(store))
+                    tps, used = last_app_run(store)
+                    app_tps.append(tps)
+                    app_threads.append(used)
                     cli_tps.append(cli_tokens_per_s(prompt, args.tokens, env))
                 browser.close()
         finally:
@@ -124,6 +127,7 @@ def main(argv=None) -> int:
             proc.wait(timeout=20)
     app, cli = statistics.median(app_tps), statistics.median(cli_tps)
     result = {"tokens": args.tokens, "reps": args.reps, "app_tokens_per_s": app_tps, "cli_tokens_per_s": cli_tps,
+              "app_torch_threads": app_threads,
               "ratio": round(app / cli, 3)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "app_speed.json").write_text(json.dumps(result, indent=2))
