@@ -193,10 +193,11 @@ def run_picker(label: str, key: str, prefer: str | None = None) -> RunRecord | N
     return find_run(chosen)
 
 
-def thread_setting() -> str | int:
-    """The torch threads a run started from this session takes: 'auto' (the sidebar's 0, the default) or N."""
+def thread_setting() -> int | None:
+    """The torch threads a run started from this session takes: N, or None (the sidebar's 0, the default):
+    $DECLAB_THREADS if set, else auto."""
     n = int(st.session_state.get(K_THREADS, 0) or 0)
-    return n if n > 0 else "auto"
+    return n if n > 0 else None
 
 
 def settings_sidebar() -> None:
@@ -204,6 +205,7 @@ def settings_sidebar() -> None:
     with st.sidebar.expander("Settings", icon=":material/settings:"):
         st.number_input("Torch threads per run", min_value=0, max_value=max(64, threads.cores()), step=1,
                         key=K_THREADS,
-                        help=f"0 = auto: the {threads.cores()} cores this app may use, minus those busy with other "
+                        help=f"0 = DECLAB_THREADS if it is set, else auto: the {threads.cores()} cores this app may "
+                             "use, minus those busy with other "
                              "work when the run starts (a second run or process then shares the cores instead of "
                              "fighting over them). A number: exactly that many threads.")

@@ -80,8 +80,7 @@ from declab.core import (Config, ModelNeed, Needs, Progress, RunContext, RunGen,
                          register)
 from declab.core.metrics import SpeculativeMetrics
 from strategies.two_model import (DRAFTER_ADVICE, ModelState, expected_tokens_per_round, named_model, probs,
-                                  record_speedup,
-                                  speculative_step)
+                                  record_speedup, speculative_step)
 
 MODEL_FREE = ("ngram", "prompt_lookup")
 ADAPTIVE = ("off", "heuristic", "confidence", "specdec")

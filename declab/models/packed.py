@@ -25,9 +25,6 @@ import torch
 
 from declab.core.errors import UserError
 
-KERNELS = ("auto", "onednn", "transformers")
-
-
 def available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 

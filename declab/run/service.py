@@ -57,10 +57,9 @@ class RunService:
                 if self.stop_all.is_set():
                     job.run.stop.set()
                 try:
-                    with threads.decoding(self.threads) as chosen:
-                        self.used_threads[i] = chosen.threads
-                        for _ in job.run.events():
-                            pass
+                    self.used_threads[i] = threads.apply(self.threads)
+                    for _ in job.run.events():
+                        pass
                 except UserError as e:
                     self.errors[i] = str(e)
                 except Exception as e:  # the runner records failures itself; this is a last resort

@@ -68,19 +68,10 @@ def choose(setting=None) -> int:
     return n if n is not None else max(1, cores() - busy_elsewhere())
 
 
-class decoding:
-    """Context manager around one run: sets torch's threads for it (process-wide: a run that starts beside another
-    in the same process sees the other's threads busy and both share the smaller count)."""
-
-    def __init__(self, setting=None):
-        self.setting = setting
-        self.threads = 1
-
-    def __enter__(self) -> "decoding":
-        with _lock:
-            self.threads = choose(self.setting)
-            torch.set_num_threads(self.threads)
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return False
+def apply(setting=None) -> int:
+    """Choose the thread count for a run starting now and set it (process-wide: a run that starts beside another in
+    the same process sees the other's threads busy, and both go on with the smaller count). Returns it."""
+    with _lock:
+        n = choose(setting)
+        torch.set_num_threads(n)
+    return n
