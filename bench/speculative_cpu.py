@@ -13,7 +13,8 @@ prefill alone (`lm.prefill`, timed in the same repetition). Reported per configu
 
 * speedup: target-only wall / speculative wall, prefill included in both (what a user waits for the answer);
 * decode speedup: the same with the prefill taken out of both (the decoding only: how much faster tokens come);
-* tokens/round (TreeMetrics / SpeculativeMetrics mean_accepted_length) and same = identical outputs / prompts.
+* tokens/round (TreeMetrics / SpeculativeMetrics mean_accepted_length) and same = identical outputs / prompts;
+* draft cost: drafting ms per round over target-only greedy ms per token (the drafter's cost in target steps).
 
 Every run uses the lab's own loop with full tracing; `measure_speedup` is off (the baseline is timed here).
 
@@ -56,10 +57,19 @@ CONFIGS = {
     "tree recycling b8": ("spec_tree", {"drafter": "token_recycling", "tree_budget": 8, "branching": 2,
                                         "tree_depth": 4}),
     "tree model b8": ("spec_tree", {"drafter": "model", "tree_budget": 8, "branching": 2, "tree_depth": 4}),
+    # trained heads (issue 18): chains (branching 1) and trees
+    "medusa chain d4": ("spec_tree", {"drafter": "medusa", "tree_budget": 4, "branching": 1, "tree_depth": 4}),
+    "medusa tree b8": ("spec_tree", {"drafter": "medusa", "tree_budget": 8, "branching": 3, "tree_depth": 4}),
+    "hydra chain d4": ("spec_tree", {"drafter": "hydra", "tree_budget": 4, "branching": 1, "tree_depth": 4}),
+    "hydra tree b8": ("spec_tree", {"drafter": "hydra", "tree_budget": 8, "branching": 3, "tree_depth": 4}),
+    "eagle chain d4": ("spec_tree", {"drafter": "eagle", "tree_budget": 4, "branching": 1, "tree_depth": 4}),
+    "eagle tree b8": ("spec_tree", {"drafter": "eagle", "tree_budget": 8, "branching": 3, "tree_depth": 4}),
+    "kangaroo chain d6": ("spec_tree", {"drafter": "kangaroo", "tree_budget": 6, "branching": 1, "tree_depth": 6}),
 }
+HEAD_CONFIGS = tuple(k for k in CONFIGS if k.split()[0] in ("medusa", "hydra", "eagle", "kangaroo"))
 SET_CONFIGS = {                         # what runs on which set by default (--configs overrides)
     "grounded": ("prompt_lookup g4", "prompt_lookup g16", "prompt_lookup g24"),
-    "open": ("prompt_lookup g4", "ngram g8", "model draft g4", "tree recycling b8", "tree model b8"),
+    "open": ("prompt_lookup g4", "ngram g8", "model draft g4", "tree recycling b8", "tree model b8") + HEAD_CONFIGS,
 }
 TARGETS = {"grounded": ("prompt_lookup g16", 4.5), "open": (None, 1.2)}   # set -> (row held to it, or the best)
 
@@ -89,6 +99,15 @@ def timed_run(lm, strategy: str, prompt: str, tokens: int, params: dict, prompt_
     return wall, res
 
 
+def draft_ms_per_round(res, strategy: str) -> float:
+    """Drafting ms per round: spec_tree's per-round `draft_ms` (on each round's last token row), speculative's
+    per-token `draft_ms` (propose rows), summed over the run, over its rounds."""
+    f = res.frame
+    rows = f[f["kind"] == ("token" if strategy == "spec_tree" else "propose")]
+    total = float(rows["draft_ms"].fillna(0).sum()) if "draft_ms" in rows.columns else 0.0
+    return total / max(res.meta["metrics"].get("rounds") or 1, 1)
+
+
 def prefill_s(lm, prompt: str, prompt_format: str = "chat") -> float:
     ids = lm.encode_prompt(prompt, prompt_format)
     t0 = time.perf_counter()
@@ -115,7 +134,8 @@ def measure(lm, sets: dict, configs: dict, tokens: int, reps: int, prompt_format
                     if got != ref:
                         mismatches.append(f"{name}/{pname} {label}: output differs from target-only greedy")
                     s = samples.setdefault((name, label, pname), {"wall": [], "g": [], "pre": [], "tpr": [],
-                                                                   "same": True, "n": len(ref)})
+                                                                   "draft": [], "same": True, "n": len(ref)})
+                    s["draft"].append(draft_ms_per_round(res, strategy))
                     s["wall"].append(wall)
                     s["g"].append(g_wall)
                     s["pre"].append(pre)
@@ -136,6 +156,8 @@ def measure(lm, sets: dict, configs: dict, tokens: int, reps: int, prompt_format
                          "tokens_per_round": round(med(med(v["tpr"]) for v in per), 3),
                          "same": f"{sum(v['same'] for v in per)}/{len(per)}", "prompts": len(per),
                          "greedy_ms_per_token": round(med(1000 * med(v["g"]) / max(v["n"], 1) for v in per), 2),
+                         "draft_cost": round(med(med(v["draft"]) / max(1000 * med(v["g"]) / max(v["n"], 1), 1e-3)
+                                                 for v in per), 3),
                          "per_prompt_speedup": [round(x, 3) for x in speed]})
     return rows, mismatches
 
@@ -181,10 +203,10 @@ def main(argv=None) -> int:
     (RESULTS / "speculative_cpu.json").write_text(json.dumps(result, indent=2))
     print(f"{MODEL} on cpu, {torch.get_num_threads()} threads, {args.tokens} new tokens, chat, greedy; median over "
           f"prompts of the median of {args.reps} interleaved repetitions")
-    print(f"{'set':9s} {'config':20s} {'speedup':>8s} {'decode':>7s} {'tok/round':>9s} {'same':>6s}")
+    print(f"{'set':9s} {'config':20s} {'speedup':>8s} {'decode':>7s} {'tok/round':>9s} {'draft':>6s} {'same':>6s}")
     for r in rows:
         print(f"{r['set']:9s} {r['config']:20s} {r['speedup']:8.2f} {r['decode_speedup']:7.2f} "
-              f"{r['tokens_per_round']:9.2f} {r['same']:>6s}")
+              f"{r['tokens_per_round']:9.2f} {r['draft_cost']:6.2f} {r['same']:>6s}")
     for line in target_lines(rows):
         print(line)
     for m in mismatches:

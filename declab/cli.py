@@ -231,7 +231,10 @@ def cmd_drafters(args) -> int:
     registry = load_registry()
     prompt = args.prompt if args.prompt is not None else _read_text(args.prompt_file, "prompt file")
     model = args.model or registry.default
-    drafters = args.drafters if args.drafters is not None else obs.legal_drafters()
+    if args.drafters is not None:
+        drafters = args.drafters
+    else:                              # the ones this model can run (an unknown model is refused per drafter below)
+        drafters = obs.usable_drafters(registry.models[model]) if model in registry.models else obs.legal_drafters()
     requests = obs.drafter_requests(model, prompt, drafters, max_new_tokens=args.max_new_tokens, seed=args.seed,
                                     params=parse_sets(args.set), prompt_format=args.prompt_format,
                                     registry=registry)          # every drafter validated before any model loads

@@ -72,13 +72,15 @@ from declab.core import (Config, ModelNeed, Needs, Progress, RunContext, RunGen,
 from declab.core.metrics import TreeMetrics
 from declab.core.sampling import draw_from, entropy_bits
 from declab.core.tree import DraftTree
-from declab.core.verify import verify_tree
+from declab.core.verify import verify_tree, verify_typical
+from strategies.head_drafters import HEAD_DRAFTERS, make_head_drafter
+from strategies.kangaroo import KangarooDrafter
 from strategies.speculative import ModelDrafter
 from strategies.tree_drafters import TreeDrafter, make_tree_drafter
 from strategies.two_model import DRAFTER_ADVICE, ModelState, common_prefix, named_model, probs, record_speedup
 
-DRAFTERS = ("model", "aded", "token_recycling", "lookahead", "prompt_lookup")
-VERIFY = ("auto", "greedy", "multi_round", "spectr", "rsd")
+DRAFTERS = ("model", "aded", "token_recycling", "lookahead", "prompt_lookup") + HEAD_DRAFTERS + ("kangaroo",)
+VERIFY = ("auto", "greedy", "multi_round", "spectr", "rsd", "typical")
 MAX_TREE_NODES = 64
 
 
@@ -87,7 +89,9 @@ class SpecTreeConfig(Config):
     drafter: str = param("model", choices=DRAFTERS,
                          help="Who proposes the tree: model (the draft model), aded (MCTS over a tri-gram matrix), "
                               "token_recycling (the target's own top-k), lookahead (a trie of the context), "
-                              "prompt_lookup (every match of the context).")
+                              "prompt_lookup (every match of the context); trained heads on the target's own "
+                              "features: medusa, hydra, eagle; kangaroo (the target's first layers + an adapter, "
+                              "a chain).")
     draft_model: str = param("model", help="drafter=model: 'model' (the second model beside the model, e.g. the "
                                            "embedded default's distilled draft) or a models.yaml key.")
     tree_budget: int = param(8, lo=1, hi=MAX_TREE_NODES, help="Drafted nodes per round (the root excluded).")
@@ -98,13 +102,21 @@ class SpecTreeConfig(Config):
                              "probability, DySpec-style (dynamic).")
     verify: str = param("auto", choices=VERIFY,
                         help="auto (greedy at temperature 0, else multi_round), greedy, multi_round (SpecInfer), "
-                             "spectr (K-SEQ), rsd (drafts without replacement).")
+                             "spectr (K-SEQ), rsd (drafts without replacement); typical = Medusa's typical "
+                             "acceptance (lossy: NOT the target's distribution).")
+    posterior_threshold: float = param(0.09, lo=0.0, hi=1.0, help="verify=typical: epsilon, the acceptance "
+                                                                  "threshold's cap (Medusa 0.09).")
+    posterior_alpha: float = param(0.3, lo=0.0, hi=1.0, help="verify=typical: delta, the entropy-scaled "
+                                                             "threshold delta exp(-H) (Medusa 0.3).")
     temperature: float = param(0.0, lo=0.0, hi=100.0, help="0 = greedy verification (output equals target greedy); "
                                                            ">0 = tree speculative sampling at this temperature.")
     top_k: int = param(0, lo=0, hi=1_000_000, help="Top-k warper on both p and q (0 = off).")
     top_p: float = param(1.0, lo=0.0, hi=1.0, lo_open=True, help="Top-p warper on both p and q (1 = off).")
     ngram_size: int = param(3, lo=1, hi=8, help="prompt_lookup: the longest trailing n-gram matched.")
     mcts_iterations: int = param(150, lo=1, hi=5000, help="aded: MCTS iterations per round (reference 150).")
+    confidence_threshold: float = param(0.6, lo=0.0, hi=1.0,
+                                        help="kangaroo: stop drafting after a token whose top-1 draft probability is "
+                                             "below this (Kangaroo's eta, 0.6).")
     measure_speedup: bool = param(True, help="After the run, time target-only decoding of the same length and report "
                                              "the speedup (adds that run's time).")
 
@@ -125,16 +137,19 @@ class SpecTreeConfig(Config):
 
 
 # ------------------------------------------------------------------------------------------------ model drafter
-def sync_prefix(state: ModelState, ids: list[int]) -> float:
+def sync_prefix(state: ModelState, ids: list[int], hidden: bool = False) -> float:
     """Make `state`'s cache hold exactly `ids` (crop what differs, feed what is missing in one forward). Returns the
-    forward time it took (0 when nothing was fed)."""
+    forward time it took (0 when nothing was fed). hidden=True: `state.fed_hidden` = (first fed position, [T, H]
+    last-layer states of the fed positions), None when nothing was fed."""
     lm = state.lm
     fwd_ms = 0.0
+    state.fed_hidden = None
     if state.cache is None:
         if ids:
-            out = lm.prefill(ids)
+            out = lm.prefill(ids, hidden=hidden)
             state.cache, fwd_ms = out.cache, out.fwd_ms
             state.forwards += 1
+            state.fed_hidden = (0, out.hidden[0]) if hidden else None
         else:
             state.cache = lm.new_cache()
         state.ids = list(ids)
@@ -144,10 +159,11 @@ def sync_prefix(state: ModelState, ids: list[int]) -> float:
             lm.crop(state.cache, keep)
             del state.ids[keep:]
         if keep < len(ids):
-            out = lm.step([ids[keep:]], state.cache)
+            out = lm.step([ids[keep:]], state.cache, hidden=hidden)
             state.cache, fwd_ms = out.cache, out.fwd_ms
             state.ids.extend(ids[keep:])
             state.forwards += 1
+            state.fed_hidden = (keep, out.hidden[0]) if hidden else None
     state.verified = len(ids)
     state.fwd_ms += fwd_ms
     return fwd_ms
@@ -264,6 +280,10 @@ class SpecTree(Strategy):
     def make_drafter(self, ctx: RunContext, cfg: SpecTreeConfig):
         if cfg.drafter == "model":
             return ModelTreeDrafter(ctx.model("draft"), cfg, ctx.generator, ctx.lm.eos_ids)
+        if cfg.drafter in HEAD_DRAFTERS:
+            return make_head_drafter(cfg.drafter, ctx.lm)
+        if cfg.drafter == "kangaroo":
+            return KangarooDrafter(ctx.lm, cfg.confidence_threshold, ctx.lm.eos_ids)
         return make_tree_drafter(cfg.drafter, ctx.lm.vocab_size, ctx.lm.eos_ids, ngram_size=cfg.ngram_size,
                                  mcts_iterations=cfg.mcts_iterations)
 
@@ -290,9 +310,12 @@ class SpecTree(Strategy):
                 else DraftTree.rooted(seq[-1])
             draft_ms = lm.clock_ms() - t0
             draft_fwd_ms = drafter.fwd_ms if depth > 0 else 0.0
-            logits, verify_ms = self.verify_forward(target, seq, tree)      # [N, V]
+            verify = getattr(drafter, "verify_forward", None) or self.verify_forward   # kangaroo: its own
+            logits, verify_ms, states = verify(target, seq, tree, drafter.needs_hidden)   # [N, V]
             p_rows = probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)  # [N, V] warped (one-hot at T = 0)
-            result = verify_tree(tree, p_rows, method, ctx.generator, lm.eos_ids)
+            result = verify_typical(tree, p_rows, ctx.generator, lm.eos_ids, cfg.posterior_threshold,
+                                    cfg.posterior_alpha) if method == "typical" else \
+                verify_tree(tree, p_rows, method, ctx.generator, lm.eos_ids)
             if not is_chain(tree):                                          # compact the target cache to the path
                 lm.keep_path(target.cache, pos0, result.path)
                 target.ids = list(seq[:-1]) + [tree.tokens[u] for u in result.path]
@@ -321,30 +344,42 @@ class SpecTree(Strategy):
                     break
                 generated.append(tok)
                 seq.append(tok)
+            if states is not None:                                          # the target's states, accepted part
+                start, pre, node_h = states                                 # [m, H] before the root, [N, H]
+                drafter.take_states(start, torch.cat([pre, node_h[result.path]]))
             drafter.observe(seq, tree, logits, result.path)
             stats.add(tree, result, n_emitted)
             rnd += 1
             ctx.metrics = stats.metrics(drafter)
             yield Progress(max(0, len(generated) - 1), generated)
         metrics = stats.metrics(drafter)
+        metrics.target_exact = method != "typical"
         record_speedup(ctx, metrics, stats.emitted, lm.clock_ms() - t_start, cfg.measure_speedup)
         ctx.metrics = metrics
         return [Sequence(token_ids=list(generated), score=total_logprob)]
 
     @staticmethod
-    def verify_forward(target: ModelState, seq: list[int], tree: DraftTree) -> tuple[torch.Tensor, float]:
-        """The target's logits after every node ([N, V]) from one forward, and its time. A chain goes through
+    def verify_forward(target: ModelState, seq: list[int], tree: DraftTree, hidden: bool = False):
+        """(logits [N, V] after every node, forward ms, states) from one target forward. A chain goes through
         `ModelState.advance` exactly as `speculative` does (a causal forward over [root, drafts]); a tree through
-        the 4-D tree mask on a cache holding exactly seq[:-1]."""
+        the 4-D tree mask on a cache holding exactly seq[:-1]. states: None, or with hidden=True (a drafter that
+        reads the target's features) (first position, [m, H] states of the m catch-up positions before the root,
+        [N, H] states of the nodes)."""
         lm = target.lm
+        n = len(tree)
         if is_chain(tree):
-            out, _fed = target.advance(seq, extra=tree.tokens[1:], all_logits=True)
-            return out.logits[0, -len(tree):], out.fwd_ms
-        catch_up_ms = sync_prefix(target, seq[:-1])                        # the prompt's prefill on a first tree round
-        out = lm.tree_step(tree, target.cache)
+            out, _fed = target.advance(seq, extra=tree.tokens[1:], all_logits=True, hidden=hidden)
+            states = (target.last_keep, out.hidden[0, :-n], out.hidden[0, -n:]) if hidden else None
+            return out.logits[0, -n:], out.fwd_ms, states
+        catch_up_ms = sync_prefix(target, seq[:-1], hidden)                # the prompt's prefill on a first tree round
+        out = lm.tree_step(tree, target.cache, hidden=hidden)
         target.forwards += 1
         target.fwd_ms += out.fwd_ms
-        return out.logits, out.fwd_ms + catch_up_ms
+        states = None
+        if hidden:
+            start, pre = target.fed_hidden or (len(seq) - 1, out.hidden[:0])
+            states = (start, pre, out.hidden)
+        return out.logits, out.fwd_ms + catch_up_ms, states
 
     @staticmethod
     def trace_tree(ctx, tree, result, p_rows, logp, ent, rnd, step0, pos0, drafter, draft_ms, verify_ms) -> None:

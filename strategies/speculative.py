@@ -23,15 +23,30 @@ Paper / reference symbol -> config field:
     K_max (SpecDec++)                                 -> max_draft_tokens (cap of every adaptive rule)
     HF schedule "heuristic" (+2 all accepted, else -1) -> adaptive = heuristic
     assistant_confidence_threshold (HF 0.4, DISCO; Kangaroo eta) -> adaptive = confidence, confidence_threshold
-    SpecDec++ stop rule 1 - prod_j a_j > h            -> adaptive = specdec, h
+    SpecDec++ stop rule 1 - prod_j a_j > h            -> adaptive = specdec, h (`stop_threshold` in the code)
+    SpecDec++ bound [K_min, K_max]                    -> [SPECDEC_MIN_DRAFT = 2, max_draft_tokens]
+    SpecDec++ a_j (acceptance-prediction head)        -> the trained head (declab/models/acceptance.py), else the
+        draft's confidence
     warpers (temperature, top-k, top-p)              -> temperature, top_k, top_p (applied to p and q alike)
     drafter                                           -> draft: `model` (the second model: for the embedded default
         the distilled draft `smollm2-135m-draft`), a models.yaml key, `ngram` (ADED-style tri-gram table) or
         `prompt_lookup`
 
 Deviations, each on purpose:
-* SpecDec++ trains an acceptance-prediction head on the draft; we have none, so a_j is the draft's own
-  probability of the token it drafted (its confidence), a training-free proxy. The stop rule is the paper's.
+* SpecDec++ (adaptive = specdec; Huang et al., "SpecDec++: Boosting Speculative Decoding via Adaptive Candidate
+  Lengths", arXiv 2405.19715, code Kaffaljidhmah2/SpecDec_pp). With a model drafter for which a trained acceptance
+  head exists (the embedded pair: declab/models/heads/smollm2-135m/acceptance-smollm2-135m-draft.safetensors, built
+  by tools/heads_acceptance.py), a_j is the head's P(accept) of drafted token j, read from the draft's post-norm
+  state after it read that token (the draft forwards ask for hidden states). The paper's rule (hf_generation.py,
+  schedule 'ada'): after draft forward j (which read token j-1 and drew token j), stop when
+  1 - prod_{i<j} a_i > h, within the bound [K_min = 2, K_max = max_draft_tokens]; forward 1 read only verified
+  tokens and adds no factor. Token j is still proposed, so the last drafted token of a round has no prediction
+  (its `confidence` is empty). The head was trained on T = 1 labels min(1, p/q) with weight_mismatch 6, so its
+  probabilities sit below the true acceptance (see tools/heads_acceptance.py); h is applied to them as they are,
+  as in the paper. Without a head (model-free drafters, other drafts, the fake test models) a_j is the draft's
+  own probability of the token it drafted (its confidence), a training-free proxy, and the round stops right
+  after the token that pushes 1 - prod_{i<=j} a_i over h (no K_min). `metrics.acceptance_predictor` says which
+  ran ("trained head" | "draft confidence").
 * The confidence rule follows transformers' stop rule: a token whose draft probability is below the threshold is
   still proposed, and drafting stops after it. The threshold stays fixed: transformers (when scikit-learn is
   installed, which it is not in this lab's environment) also re-tunes it online after every round, to the ROC
@@ -50,7 +65,9 @@ Deviations, each on purpose:
 
 Trace, per round r (`round` column), with `draft_pos` i = 1..gamma:
 * `propose` rows: the drafted token, `q` (its warped draft probability), the draft's unwarped `logprob` and
-  `entropy`, `confidence`, `draft_ms`, `gamma` (draft length allowed this round), model = the drafter;
+  `entropy`, `confidence` (the drafter's probability of the token; with adaptive = specdec and a trained head, the
+  head's predicted acceptance a_j instead, empty for a round's last token), `draft_ms`, `gamma` (draft length
+  allowed this round), model = the drafter;
 * one `accept` / `reject` row per drafted token: `p` and `q` (warped), `accept_prob` = min(1, p/q), `u` (the
   uniform draw), `verdict` accepted | rejected (failed the test) | discarded (after an earlier rejection), the
   target's unwarped `logprob` / `entropy`; `verify_ms` on the round's first row. In greedy mode (temperature 0)
@@ -62,7 +79,8 @@ Trace, per round r (`round` column), with `draft_pos` i = 1..gamma:
 
 Metrics (run `metrics`): acceptance_rate = accepted / drafted; alpha_hat = accepted / verified (discarded drafts
 left out: the per-token acceptance of the i.i.d. model); mean_accepted_length = emitted tokens per round (bonus /
-resampled included); acceptance_by_position; rounds; expected tokens per round from alpha_hat; with
+resampled included); acceptance_by_position; rounds; expected tokens per round from alpha_hat;
+acceptance_predictor (adaptive = specdec: "trained head" or "draft confidence"); with
 `measure_speedup`, target-only decoding of the same number of tokens is timed in the same run and
 speedup = target-only time / speculative time (prefill included in both).
 """
@@ -79,11 +97,14 @@ from declab.core.sampling import draw_from, entropy_bits
 from declab.core import (Config, ModelNeed, Needs, Progress, RunContext, RunGen, Sequence, Strategy, param,
                          register)
 from declab.core.metrics import SpeculativeMetrics
+from declab.models.acceptance import load_acceptance_head
 from strategies.two_model import (DRAFTER_ADVICE, ModelState, expected_tokens_per_round, named_model, probs,
                                   record_speedup, speculative_step)
 
 MODEL_FREE = ("ngram", "prompt_lookup")
 ADAPTIVE = ("off", "heuristic", "confidence", "specdec")
+SPECDEC_MIN_DRAFT = 2          # K_min of SpecDec++'s bound (README: --bound 2 20); K_max = max_draft_tokens
+PREDICTORS = ("trained head", "draft confidence")
 
 
 @dataclass(frozen=True)
@@ -101,7 +122,9 @@ class SpeculativeConfig(Config):
     confidence_threshold: float = param(0.4, lo=0.0, hi=1.0, help="adaptive=confidence: stop drafting after a token "
                                                                   "the drafter gave less than this (HF default 0.4).")
     h: float = param(0.7, lo=0.0, hi=1.0, lo_open=True,
-                     help="adaptive=specdec: stop when the predicted chance of at least one rejection exceeds h.")
+                     help="adaptive=specdec: stop when the predicted chance of at least one rejection exceeds h "
+                          "(predicted by the trained acceptance head where the pair has one, else by the draft's "
+                          "confidences).")
     temperature: float = param(0.0, lo=0.0, hi=100.0, help="0 = greedy verification (output equals target greedy); "
                                                            ">0 = speculative sampling at this temperature.")
     top_k: int = param(0, lo=0, hi=1_000_000, help="Top-k warper on both p and q (0 = off).")
@@ -126,27 +149,34 @@ class Proposal:
     token: int
     q: torch.Tensor | None       # [V] warped draft distribution the token was drawn from; None = point mass
     q_token: float               # q(token)
-    confidence: float            # the drafter's probability of the token (its predicted acceptance)
+    confidence: float | None     # predicted acceptance: the drafter's probability of the token, or the trained
+                                 # head's a_j (None until the draft has read the token)
     logprob: float | None = None  # unwarped draft log-prob
     entropy: float | None = None
     ms: float = 0.0
 
 
 class ModelDrafter:
-    """A smaller same-tokenizer LM with its own KV cache."""
+    """A smaller same-tokenizer LM with its own KV cache. With `head` (SpecDec++'s trained acceptance head, an
+    object with p_accept(states [..., H]) -> [...]), each draft forward after the first also returns the draft's
+    post-norm state of the token it read, and that token's confidence becomes the head's a_j."""
 
-    def __init__(self, lm, cfg: SpeculativeConfig, generator: torch.Generator, eos_ids):
+    def __init__(self, lm, cfg: SpeculativeConfig, generator: torch.Generator, eos_ids, head=None):
         self.state = ModelState(lm, "draft")
         self.name = lm.key
         self.cfg, self.generator, self.eos_ids = cfg, generator, eos_ids
+        self.head = head
 
     def propose(self, seq: list[int], gamma: int, keep_going) -> tuple[list[Proposal], int]:
-        """Up to gamma tokens; keep_going(confidences so far) may stop early. Returns (proposals, catch-up)."""
-        cfg, lm = self.cfg, self.state.lm
+        """Up to gamma tokens; keep_going(confidences so far) may stop early. Returns (proposals, catch-up).
+        With a head, confidences are [a_1 .. a_{n-1}, None]: draft forward j+1 (which read token j) gives a_j."""
+        cfg, lm, head = self.cfg, self.state.lm, self.head
         t0 = lm.clock_ms()
         out, fed = self.state.advance(seq)
         props: list[Proposal] = []
         for i in range(gamma):
+            if head is not None and i > 0:                      # the state after reading token i (1-based)
+                props[-1].confidence = float(head.p_accept(out.hidden[0, -1]))     # hidden [1, 1, H] -> a_i
             logits = out.logits[0]                                                  # [V]
             logp = logits.log_softmax(-1)
             if cfg.temperature == 0:
@@ -157,12 +187,14 @@ class ModelDrafter:
                 q = probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
                 token = draw_from(q, self.generator)
                 q_tok = conf = float(q[token])
+            if head is not None:
+                conf = None                                     # a_i comes from the next forward's state
             t1 = lm.clock_ms()
             props.append(Proposal(token, q, q_tok, conf, float(logp[token]), float(entropy_bits(logp)), t1 - t0))
             t0 = t1
             if token in self.eos_ids or i + 1 == gamma or not keep_going([p.confidence for p in props]):
                 break
-            out = lm.step([[token]], self.state.cache)
+            out = lm.step([[token]], self.state.cache, hidden=head is not None)
             self.state.cache = out.cache
             self.state.ids.append(token)
             self.state.forwards += 1
@@ -245,6 +277,28 @@ class NgramDrafter:
         return _point_masses(out, self.eos_ids), 0
 
 
+def specdec_keep_going(a_hat: list[float], num_drafted: int, h: float, k_min: int = SPECDEC_MIN_DRAFT) -> bool:
+    """SpecDec++'s rule after draft forward j = num_drafted (token j drawn): go on while j < K_min, else while the
+    predicted chance of at least one rejection among the tokens the draft has read, 1 - prod(a_hat), is <= h.
+    a_hat = [a_1 .. a_{j-1}]. K_max is the drafter's gamma."""
+    if num_drafted < k_min:
+        return True
+    prod = 1.0
+    for a in a_hat:
+        prod *= a
+    return 1.0 - prod <= h
+
+
+def specdec_length(a: list[float], h: float, k_max: int, k_min: int = SPECDEC_MIN_DRAFT) -> int:
+    """The draft length SpecDec++'s rule gives for acceptance predictions a_1, a_2, ... (the oracle's, when they
+    are the true a_i): the first j in [K_min, K_max] with 1 - prod_{i<j} a_i > h, else K_max (K_max wins over
+    K_min)."""
+    for j in range(1, k_max):
+        if not specdec_keep_going(list(a[:j - 1]), j, h, k_min):
+            return j
+    return k_max
+
+
 def _point_masses(tokens: list[int], eos_ids) -> list[Proposal]:
     out = []
     for t in tokens:
@@ -283,7 +337,9 @@ class Speculative(Strategy):
             return NgramDrafter(ctx.lm.eos_ids)
         if d == "prompt_lookup":
             return PromptLookupDrafter(cfg.ngram_size, ctx.lm.eos_ids, cfg.prompt_lookup_eos == "cut")
-        return ModelDrafter(ctx.model("draft"), cfg, ctx.generator, ctx.lm.eos_ids)
+        draft = ctx.model("draft")
+        loaded = load_acceptance_head(ctx.lm, draft) if cfg.adaptive == "specdec" else None
+        return ModelDrafter(draft, cfg, ctx.generator, ctx.lm.eos_ids, head=loaded[0] if loaded else None)
 
     def run(self, ctx: RunContext, cfg: SpeculativeConfig) -> RunGen:
         lm, trace = ctx.lm, ctx.trace
@@ -301,10 +357,15 @@ class Speculative(Strategy):
         finished = False
         rnd = 0
 
-        def keep_going(confs: list[float]) -> bool:
+        use_head = getattr(drafter, "head", None) is not None
+        predictor = (PREDICTORS[0] if use_head else PREDICTORS[1]) if cfg.adaptive == "specdec" else None
+
+        def keep_going(confs: list[float | None]) -> bool:
             if cfg.adaptive == "confidence":
                 return confs[-1] >= cfg.confidence_threshold
             if cfg.adaptive == "specdec":
+                if use_head:                                   # confs = [a_1 .. a_{n-1}, None]
+                    return specdec_keep_going(confs[:-1], len(confs), cfg.h)
                 prod = 1.0
                 for c in confs:
                     prod *= c
@@ -396,15 +457,15 @@ class Speculative(Strategy):
             if cfg.adaptive == "heuristic" and drafts:
                 gamma = min(cfg.max_draft_tokens, gamma + 2) if n_acc == len(drafts) else max(1, gamma - 1)
             rnd += 1
-            ctx.metrics = self.metrics(stats, by_pos, drafter)
+            ctx.metrics = self.metrics(stats, by_pos, drafter, predictor)
             yield Progress(max(0, len(generated) - 1), generated)
-        metrics = self.metrics(stats, by_pos, drafter)
+        metrics = self.metrics(stats, by_pos, drafter, predictor)
         record_speedup(ctx, metrics, stats["emitted"], lm.clock_ms() - t_start, cfg.measure_speedup)
         ctx.metrics = metrics
         return [Sequence(token_ids=list(generated), score=total_logprob)]
 
     @staticmethod
-    def metrics(stats: dict, by_pos: dict, drafter) -> SpeculativeMetrics:
+    def metrics(stats: dict, by_pos: dict, drafter, predictor: str | None = None) -> SpeculativeMetrics:
         drafted, rounds = stats["drafted"], max(stats["rounds"], 1)
         alpha = stats["accepted"] / stats["verified"] if stats["verified"] else None
         gamma_mean = drafted / rounds
@@ -417,7 +478,8 @@ class Speculative(Strategy):
             acceptance_by_position={str(k): round(a / n, 4) for k, (a, n) in sorted(by_pos.items()) if n},
             expected_tokens_per_round=round(expected_tokens_per_round(alpha, round(gamma_mean)), 4)
             if alpha is not None and gamma_mean else None,
-            draft_forwards=drafter.state.forwards if isinstance(drafter, ModelDrafter) else None)
+            draft_forwards=drafter.state.forwards if isinstance(drafter, ModelDrafter) else None,
+            acceptance_predictor=predictor)
 
 
 def _one_hot(token: int, V: int, like: torch.Tensor) -> torch.Tensor:

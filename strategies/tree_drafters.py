@@ -15,9 +15,15 @@ Interface (one object per run; the strategy calls, in order):
                                                         multiplicity 1; root only when there is nothing to propose.
                                                         `generator` (the run's torch.Generator) is the only source
                                                         of randomness (ADED's rollouts); never Python's random
+    take_states(start, states)                          needs_hidden drafters only, right before observe: the
+                                                        target's last-layer states [n, H] of the accepted positions
+                                                        start .. start+n-1 (catch-up, root, accepted nodes)
     observe(seq, tree, target_logits, path)             after the target verified `tree`: target_logits [N, V] raw
                                                         next-token logits after each node, path = accepted node ids
                                                         (root first); seq already includes the emitted tokens
+    verify_forward(target, seq, tree, hidden)           optional: a drafter that shares the target's cache
+                                                        (kangaroo) verifies in its own way; returns what
+                                                        SpecTree.verify_forward returns
     info() -> dict                                      JSON-friendly extras about the last propose, for the trace
 
 Drafters (`make_tree_drafter(name, ...)`): `aded` (ADED's tri-gram matrix + MCTS), `token_recycling` (Token
@@ -54,6 +60,7 @@ class TreeDrafter:
     name: str = ""
     scheme = "deterministic"          # point masses: no draft distribution
     fwd_ms = 0.0                      # model forward time spent in the last propose (a model drafter's)
+    needs_hidden = False              # True: the strategy hands over the target's last-layer states (take_states)
     coverage: int | None = None       # rows of the drafter's table ever filled, where it has one
 
     def reset(self, prompt_ids: list[int]) -> None:
@@ -64,6 +71,10 @@ class TreeDrafter:
 
     def observe(self, seq: list[int], tree: DraftTree, target_logits, path: list[int]) -> None:
         pass
+
+    def take_states(self, start: int, states: torch.Tensor) -> None:
+        """needs_hidden drafters: the target's last-layer states (after the final norm) [n, H] of the accepted
+        positions start .. start+n-1 (everything from `start` on replaces what was there)."""
 
     def info(self) -> dict:
         return {}

@@ -66,11 +66,14 @@ class ModelState:
         self.forwards = 0
         self.tokens_fed = 0
         self.fwd_ms = 0.0
+        self.fed_hidden = None           # (first position, [T, H] states) of what sync_prefix fed last, when asked
 
-    def advance(self, seq: list[int], extra: list[int] | tuple = (), all_logits: bool = False):
+    def advance(self, seq: list[int], extra: list[int] | tuple = (), all_logits: bool = False, hidden: bool = False):
         """Sync the cache to `seq` and feed what it lacks plus `extra` in one forward. `seq` only grows from call
         to call (tokens are appended, never rewritten), so only the part after the last call is compared.
-        Returns (StepOut, fed) where fed = number of tokens of `seq` fed (1 normally; more = catch-up)."""
+        Returns (StepOut, fed) where fed = number of tokens of `seq` fed (1 normally; more = catch-up); with
+        hidden=True StepOut.hidden [1, T, H] holds the last-layer states of the T fed positions, the first at
+        position `last_keep`."""
         keep = min(common_prefix(self.ids, seq, min(self.verified, len(self.ids), len(seq))), len(seq) - 1)
         if self.cache is None or keep == 0:
             self.cache, self.ids, keep = None, [], 0
@@ -80,9 +83,9 @@ class ModelState:
         self.last_keep = keep
         feed = list(seq[keep:]) + list(extra)
         if self.cache is None:
-            out = self.lm.prefill(feed, all_logits=all_logits)
+            out = self.lm.prefill(feed, all_logits=all_logits, hidden=hidden)
         else:
-            out = self.lm.step([feed], self.cache, all_logits=all_logits)
+            out = self.lm.step([feed], self.cache, all_logits=all_logits, hidden=hidden)
         self.cache = out.cache
         self.ids.extend(feed)
         self.verified = len(seq)

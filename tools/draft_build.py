@@ -60,7 +60,7 @@ import torch
 
 from declab.core.corpus import default_corpus_documents
 from declab.core.paths import cache_root
-from declab.models.draft import DEFAULT_WEIGHTS, build_draft_model, load_tensors, read_draft_info
+from declab.models.draft import DEFAULT_WEIGHTS, build_draft_model, load_tensors, pack_tensors, read_draft_info
 from declab.models.loading import embedded_folder
 from declab.models.registry import load_registry
 from tools.draft_data import build_prompts
@@ -336,14 +336,20 @@ def _collate(seqs: list[dict], idx: list[int], frozen: int):
 def distill_loss(hidden: torch.Tensor, head: torch.Tensor, pos: torch.Tensor, tidx: torch.Tensor,
                  tlogp: torch.Tensor, num_negatives: int | None = None,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward KL over the teacher's top-K (renormalised): sum_k p_k (log p_k - log q_k), mean over positions.
-    Also returns the top-1 agreement count (student argmax == teacher argmax).
+    """`kl_loss` at the (row, position) pairs `pos` of hidden [B, W, H]."""
+    return kl_loss(hidden[pos[:, 0], pos[:, 1]], head, tidx, tlogp, num_negatives, generator)
+
+
+def kl_loss(h: torch.Tensor, head: torch.Tensor, tidx: torch.Tensor, tlogp: torch.Tensor,
+            num_negatives: int | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward KL over the teacher's top-K (renormalised): sum_k p_k (log p_k - log q_k), mean over the N states
+    h [N, H] (q = softmax(h head^T)). Also returns the top-1 agreement count (student argmax == teacher argmax).
+    A hard label is K = 1 with log-prob 0 (the KL is then the cross-entropy).
 
     num_negatives=None: q is the student's softmax over the whole vocabulary. With a number, q is normalised over
     a sampled vocabulary only: every token in the batch's teacher top-K plus that many uniformly drawn others
     (sampled softmax; the head is the costliest part of a training step, and the batch's top-K tokens are a few
     thousand of 49k). Evaluation always uses the whole vocabulary."""
-    h = hidden[pos[:, 0], pos[:, 1]]                                     # [N, H]
     p = tlogp.softmax(-1)                                                # [N, K] renormalised teacher
     if num_negatives is None:
         logq = (h @ head.T).log_softmax(-1)                              # [N, V]
@@ -482,18 +488,10 @@ def save_draft(adapter: Adapter, info: dict, path: Path, weights: str = "float16
     for name, t in adapter.body.state_dict().items():
         if name.startswith("layers."):
             _, i, rest = name.split(".", 2)
-            key = f"model.layers.{E + int(i)}.{rest}"
+            tensors[f"model.layers.{E + int(i)}.{rest}"] = t
         elif name.startswith("norm."):
-            key = f"model.{name}"
-        else:
-            continue
-        t = t.detach().float()
-        if weights == "int8" and t.dim() == 2:
-            scale = (t.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
-            tensors[key + ".int8"] = torch.round(t / scale).clamp(-127, 127).to(torch.int8).contiguous()
-            tensors[key + ".scale"] = scale.to(torch.float16).contiguous()
-        else:
-            tensors[key] = t.to(torch.float16).contiguous()
+            tensors[f"model.{name}"] = t
+    tensors = pack_tensors(tensors, weights)
     if vocab_ids is not None:
         tensors["lm_head.vocab_ids"] = vocab_ids.to(torch.int32).contiguous()
         info = dict(info, draft_vocab=int(vocab_ids.numel()))

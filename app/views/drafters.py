@@ -8,12 +8,14 @@ acceptance by depth, the texts, and each drafter's run (its tree figures) one cl
 
 import pandas as pd
 import streamlit as st
+from viz.heads import head_accuracy_figure
 
 import common
 import forms
 import jobs
 import render
 from declab.core import UserError
+from declab.models.heads import trained_infos
 from declab.run import observatory as obs
 
 K_BATCH = "drafters:batch"        # session_state: [(drafter, run_id)] of the batch last started on this page
@@ -36,8 +38,9 @@ if strategy.advice:
 spec = forms.model_select(registry, key="drf:model")
 setup = forms.prompt_inputs(spec, prefix="drf")
 legal = list(obs.legal_drafters())
-chosen = st.multiselect("Drafters", legal, default=legal, key="drf:drafters",
-                        help="Each drafter is one run; they run one after another, in this order.")
+chosen = st.multiselect("Drafters", legal, default=list(obs.usable_drafters(spec)), key="drf:drafters",
+                        help="Each drafter is one run; they run one after another, in this order. The trained "
+                             "heads (medusa, hydra, eagle, kangaroo) are preselected where the model has them.")
 
 st.markdown("**Shared spec_tree settings** (every drafter gets the same)")
 specs = [p for p in strategy.params() if p["name"] != "drafter"]
@@ -135,6 +138,22 @@ def results(rows) -> None:
         render.show_run(rec, key=f"drf:{rec.run_id}")
 
 
+def trained_heads(spec) -> None:
+    """The model's trained drafters (issue 18): their held-out accuracy by offset, from the files' metadata."""
+    infos = trained_infos(spec)
+    if not infos:
+        return
+    with st.expander("Trained drafters of this model: held-out top-1 accuracy by offset", expanded=False):
+        st.caption("Measured when the heads were built (tools/heads_build.py) on held-out prompts of topics the "
+                   "training never saw: offset d is the d-th drafted token after the root (Medusa: head d; Hydra, "
+                   "EAGLE, Kangaroo: step d, given the tokens before it were right). A drafter's accepted length "
+                   "per target forward follows from these.")
+        fig = head_accuracy_figure(infos)
+        if fig is not None:
+            st.plotly_chart(fig, key="drf:heads", width="stretch")
+
+
+trained_heads(spec)
 rows = batch_rows()
 if rows:
     results(rows)

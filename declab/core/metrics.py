@@ -86,7 +86,9 @@ class SpeculativeMetrics(StrategyMetrics):
     (1 - alpha_hat^(gamma+1)) / (1 - alpha_hat) with gamma the rounded mean draft length. draft_forwards: forwards
     of a model drafter. spec_ms: wall time of the speculative run (prefill included). target_only_ms: wall time of
     target-only decoding of the same number of tokens, measured in the same run. speedup = target_only_ms /
-    spec_ms."""
+    spec_ms. acceptance_predictor (adaptive = specdec only): what predicted each drafted token's acceptance for
+    the stop rule, "trained head" (SpecDec++'s acceptance head of the target/draft pair) or "draft confidence"
+    (the draft's own probability of the token, when the pair has no trained head)."""
 
     drafter: str | None = None
     rounds: int | None = None
@@ -104,6 +106,7 @@ class SpeculativeMetrics(StrategyMetrics):
     spec_ms: float | None = None
     target_only_ms: float | None = None
     speedup: float | None = None
+    acceptance_predictor: str | None = None
 
 
 @dataclass
@@ -202,7 +205,8 @@ class TreeMetrics(StrategyMetrics):
     node. expected_accepted_length: 1 + the mean over rounds of the sum over drafted nodes of exp(cum ln q), the
     length the drafter's own probabilities predict (model drafter only; model-free drafts have no probabilities).
     spec_ms / target_only_ms / speedup: as SpeculativeMetrics, measured in the same run. table_coverage: rows of a
-    table-based drafter's table ever filled (token_recycling)."""
+    table-based drafter's table ever filled (token_recycling). target_exact: False for Medusa's typical
+    acceptance (verify=typical, lossy), True for every exact verifier."""
 
     drafter: str | None = None
     rounds: int | None = None
@@ -219,6 +223,7 @@ class TreeMetrics(StrategyMetrics):
     target_only_ms: float | None = None
     speedup: float | None = None
     table_coverage: int | None = None
+    target_exact: bool | None = None
 
 
 @dataclass

@@ -104,3 +104,19 @@ class DraftTree:
                 a[u] = a[self.parent[u]]
             a[u, u] = True
         return a
+
+
+def additive_mask(allowed: torch.Tensor, dtype, device=None) -> torch.Tensor:
+    """bool [T, K] (True = may attend) -> an additive attention mask [1, 1, T, K]: 0 where allowed, the dtype's
+    min elsewhere (what a 4-D `attention_mask` of transformers' eager / sdpa attention takes)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None].to(device) if device is not None else mask[None, None]
+
+
+def causal_mask(prefix: int, n: int, dtype, device=None) -> torch.Tensor:
+    """n new positions after `prefix` cached ones, each seeing the prefix and itself and the new ones before it:
+    [1, 1, n, prefix + n] additive."""
+    allowed = torch.ones(n, prefix + n, dtype=torch.bool)
+    allowed[:, prefix:] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    return additive_mask(allowed, dtype, device)

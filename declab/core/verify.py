@@ -45,6 +45,12 @@ strategies/two_model.py (`speculative_step` per draft, then `draw_from(p_leaf)`)
 dtype, so the tokens and the generator's state match; a deterministic chain likewise matches `speculative_step`
 with a one-hot q.
 
+Medusa's typical acceptance (`verify_typical`, D.1; lossy, not the target's distribution): node c under u is
+accepted iff p_u(x_c) > min(epsilon, delta exp(-H_u)), H_u = -sum_v p_u(v) ln(p_u(v) + 1e-5); of the root-to-node
+paths whose every node is accepted the longest is kept (ties: the highest sum of ln p_u(x_c)); the final token is
+drawn from p at the path's end with the tokens at or below that node's threshold removed (renormalised). One
+`draw_from` per round, nothing else random.
+
 Diagnostics: `alpha[u]` = the node's acceptance probability in closed form where one exists (greedy 1/0; point
 masses sum_j p(x_j); K-SEQ 1 - (1-beta)^k; multi_round 1 - prod_j (1 - sum_v min(q, r_{j-1})) over the k draws, since
 the residual after j rejections does not depend on which tokens were rejected [derived]); `alpha_star(p, q, k, scheme)`
@@ -63,6 +69,7 @@ from declab.core.sampling import draw_from
 from declab.core.tree import DraftTree
 
 METHODS = ("greedy", "multi_round", "rsd", "spectr", "point_mass")
+TYPICAL_THRESHOLD, TYPICAL_ALPHA = 0.09, 0.3   # Medusa's posterior_threshold (epsilon), posterior_alpha (delta)
 NEEDS_SCHEME = {"multi_round": "iid", "spectr": "iid", "rsd": "without_replacement"}
 
 
@@ -431,3 +438,55 @@ def _verify(tree: DraftTree, target_probs: torch.Tensor, method: str, generator:
             emitted = emitted[:i + 1]
             break
     return TreeResult(path, emitted, origin, checks, verdicts, alpha, rho, None if final is None else int(final))
+
+
+def typical_threshold(p: torch.Tensor, epsilon: float = TYPICAL_THRESHOLD, delta: float = TYPICAL_ALPHA) -> float:
+    """min(epsilon, delta exp(-H)), H = -sum p ln(p + 1e-5) (Medusa's `get_typical_posterior_mask`)."""
+    h = float(-(p * torch.log(p + 1e-5)).sum())
+    return min(epsilon, delta * float(torch.exp(torch.tensor(-h))))
+
+
+def verify_typical(tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator, eos_ids=frozenset(),
+                   epsilon: float = TYPICAL_THRESHOLD, delta: float = TYPICAL_ALPHA) -> TreeResult:
+    """Medusa's typical acceptance (see the module docstring). target_probs: [N, V] warped target distributions."""
+    n = len(tree)
+    if target_probs.dim() != 2 or target_probs.shape[0] != n:
+        raise ValueError(f"target_probs must be [N={n}, V], got {tuple(target_probs.shape)}")
+    eos = frozenset(int(e) for e in eos_ids)
+    thresholds = [typical_threshold(target_probs[u], epsilon, delta) for u in range(n)]
+    ok = {0: True}
+    score = {0: 0.0}
+    checks, verdicts = [], {}
+    for c in range(1, n):                                        # parents come first (topological order)
+        u, x = tree.parent[c], tree.tokens[c]
+        px = float(target_probs[u, x])
+        good = bool(ok.get(u, False)) and (u == 0 or tree.tokens[u] not in eos) and px > thresholds[u]
+        if ok.get(u, False) and (u == 0 or tree.tokens[u] not in eos):
+            checks.append(ChildCheck(c, x, tree.q[c], px, px, float(px > thresholds[u]), None,
+                                     "accepted" if px > thresholds[u] else "rejected", None, tree.multiplicity[c]))
+            verdicts[c] = "accepted" if px > thresholds[u] else "rejected"
+        else:
+            verdicts[c] = "unreached"
+        ok[c] = good
+        score[c] = score[u] + float(torch.log(torch.tensor(max(px, 1e-30))))
+    best = max((c for c in range(n) if ok[c]), key=lambda c: (tree.depth[c], score[c], -c))
+    path = tree.path_to(best)
+    for c in range(1, n):                     # accepted = on the kept path (a typical node off it was not used)
+        if verdicts[c] == "accepted" and c not in path:
+            verdicts[c] = "rejected"
+    end = path[-1]
+    if end and tree.tokens[end] in eos:
+        final, origin = None, "none"
+    else:
+        p = target_probs[end].clone()
+        p[p <= thresholds[end]] = 0.0
+        if float(p.sum()) <= 0:
+            p = target_probs[end]
+        final = draw_from(p / p.sum(), generator)
+        origin = "bonus" if not tree.children[end] else "resampled"
+    emitted = [tree.tokens[c] for c in path[1:]] + ([] if final is None else [int(final)])
+    for i, t in enumerate(emitted):
+        if t in eos:
+            emitted = emitted[:i + 1]
+            break
+    return TreeResult(path, emitted, origin, checks, verdicts, final_token=None if final is None else int(final))

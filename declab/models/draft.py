@@ -43,10 +43,29 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         if k.endswith(".int8"):
             base = k[: -len(".int8")]
             out[base] = v.float() * raw[base + ".scale"].float()
-        elif k == "lm_head.vocab_ids":
+        elif not v.is_floating_point():                # lm_head.vocab_ids and other index tensors
             out[k] = v.long()
         elif not k.endswith(".scale"):
             out[k] = v.float()
+    return out
+
+
+def pack_tensors(tensors: dict[str, torch.Tensor], weights: str = "float16") -> dict[str, torch.Tensor]:
+    """What `load_tensors` reads back: weights 'float16', or 'int8' (2-D matrices as int8 with one float16 scale per
+    output row, symmetric, weight-only; everything else float16). Integer tensors are kept as int32."""
+    out = {}
+    for key, t in tensors.items():
+        t = t.detach().cpu()
+        if not t.is_floating_point():
+            out[key] = t.to(torch.int32).contiguous()
+            continue
+        t = t.float()
+        if weights == "int8" and t.dim() == 2:
+            scale = (t.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)                 # [rows, 1]
+            out[key + ".int8"] = torch.round(t / scale).clamp(-127, 127).to(torch.int8).contiguous()
+            out[key + ".scale"] = scale.to(torch.float16).contiguous()
+        else:
+            out[key] = t.to(torch.float16).contiguous()
     return out
 
 

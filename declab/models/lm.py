@@ -11,6 +11,7 @@ Shapes: B = rows (beams, drafts, candidates), T = new positions in this call, V 
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from dataclasses import dataclass
 
@@ -19,7 +20,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from declab.core.errors import UserError
-from declab.core.tree import DraftTree
+from declab.core.tree import DraftTree, additive_mask
+from declab.models.heads import TrainedHead, load_trained
 from declab.models.registry import ModelSpec
 
 
@@ -48,6 +50,8 @@ class LM:
         self.vocab_size: int = int(getattr(head, "out_features", None) or model.config.vocab_size)  # logits width V
         self.eos_ids: frozenset[int] = frozenset(_eos_ids(model, tokenizer))
         self._token_text: dict[int, str] = {}
+        self._trained: dict[str, TrainedHead] = {}
+        self._trained_lock = threading.Lock()
 
     # ----------------------------------------------------------------------------------------- timing
     def sync(self) -> None:
@@ -105,6 +109,15 @@ class LM:
         return self._forward(cache, input_ids=self.as_ids(ids), hidden=hidden, all_logits=all_logits,
                              attention_mask=attention_mask, position_ids=position_ids)
 
+    # ------------------------------------------------------------------------------------ trained heads
+    def trained_head(self, kind: str) -> TrainedHead:
+        """This model's trained drafting head `kind` (medusa, hydra, eagle; declab/models/heads.py), loaded once
+        and shared (frozen weights, like the model's own). A UserError when the model has none."""
+        with self._trained_lock:
+            if kind not in self._trained:
+                self._trained[kind] = load_trained(self, kind)
+            return self._trained[kind]
+
     # ------------------------------------------------------------------------------------ token trees
     def tree_inputs(self, tree: DraftTree, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The inputs of one tree forward after a cache of `prefix_len` positions: ids [1, N], a float additive
@@ -113,11 +126,9 @@ class LM:
         dtype = self.embedding_matrix.dtype                           # the hidden states' (= queries') dtype
         n, p = len(tree), int(prefix_len)
         allowed = torch.cat([torch.ones(n, p, dtype=torch.bool), tree.ancestor_matrix()], dim=1)   # [N, P+N]
-        mask = torch.zeros(n, p + n, dtype=dtype)                     # [N, P+N]
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         ids = self.as_ids(tree.tokens)                                # [1, N]
         pos = (p + torch.as_tensor(tree.depth, dtype=torch.long, device=self.device))[None, :]   # [1, N]
-        return ids, mask[None, None].to(self.device), pos             # [1, N], [1, 1, N, P+N], [1, N]
+        return ids, additive_mask(allowed, dtype, self.device), pos   # [1, N], [1, 1, N, P+N], [1, N]
 
     def check_tree_support(self, cache) -> None:
         """Refuse tree forwards the 4-D mask would not drive exactly: attention kernels other than eager / sdpa

@@ -21,7 +21,7 @@ CACHES = ("dynamic", "static")
 KERNELS = ("auto", "onednn", "transformers")     # declab/models/packed.py
 SOURCE_KINDS = ["hub", "path", "package", "draft"]    # more through declab.models.loading.register_source
 FIELDS = ("source", "dtype", "quantization", "device", "chat", "context_length", "description", "pairs",
-          "trust_remote_code", "cache", "kernels")
+          "trust_remote_code", "cache", "kernels", "heads")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class ModelSpec:
     trust_remote_code: bool = False
     cache: str = "dynamic"
     kernels: str = "auto"           # CPU float32 linears: auto | onednn (packed, declab/models/packed.py) | transformers
+    heads: str = ""                 # folder of trained drafting heads for this model's weights (declab/models/heads.py)
 
     @property
     def source_text(self) -> str:
@@ -106,11 +107,14 @@ def _entry(key: str, raw, where: str) -> ModelSpec:
     pairs = raw.get("pairs", []) or []
     if not isinstance(pairs, list) or not all(isinstance(p, str) for p in pairs):
         bad("pairs", "must be a list of model keys")
+    if not isinstance(raw.get("heads", ""), str):
+        bad("heads", f"must be a folder name, got {raw.get('heads')!r}")
     return ModelSpec(key=key, source=dict(source), dtype=raw.get("dtype", "auto"),
                      quantization=raw.get("quantization", "none"), device=raw.get("device", "auto"),
                      chat=raw.get("chat", True), context_length=ctx, description=str(raw.get("description", "")),
                      pairs=tuple(pairs), trust_remote_code=raw.get("trust_remote_code", False),
-                     cache=raw.get("cache", "dynamic"), kernels=raw.get("kernels", "auto"))
+                     cache=raw.get("cache", "dynamic"), kernels=raw.get("kernels", "auto"),
+                     heads=raw.get("heads", ""))
 
 
 def load_registry(path: str | Path | None = None) -> Registry:

@@ -27,6 +27,7 @@ import pandas as pd
 
 from declab.core import UserError, get_strategy
 from declab.core import trace as tr
+from declab.models.heads import HEAD_KINDS, has_heads
 from declab.models.registry import Registry
 from declab.run.plan import RunRequest, validate
 
@@ -48,6 +49,12 @@ def legal_drafters() -> tuple[str, ...]:
         if p["name"] == "drafter":
             return tuple(p["choices"] or ())
     raise UserError(f"strategy '{STRATEGY}' has no drafter parameter")
+
+
+def usable_drafters(spec) -> tuple[str, ...]:
+    """The legal drafters that can run on the models.yaml entry `spec`: the trained-head drafters (medusa, hydra,
+    eagle, kangaroo) only where the entry has their weights (declab/models/heads.py). The default selection."""
+    return tuple(d for d in legal_drafters() if d not in HEAD_KINDS or has_heads(spec, d))
 
 
 def parse_drafters(text: str | Iterable[str]) -> list[str]:
