@@ -36,8 +36,9 @@ Deviations, each on purpose:
 * SpecDec++ (adaptive = specdec; Huang et al., "SpecDec++: Boosting Speculative Decoding via Adaptive Candidate
   Lengths", arXiv 2405.19715, code Kaffaljidhmah2/SpecDec_pp). With a model drafter for which a trained acceptance
   head exists (the embedded pair: declab/models/heads/smollm2-135m/acceptance-smollm2-135m-draft.safetensors, built
-  by tools/heads_acceptance.py), a_j is the head's P(accept) of drafted token j, read from the draft's post-norm
-  state after it read that token (the draft forwards ask for hidden states). The paper's rule (hf_generation.py,
+  by tools/heads_acceptance.py; the target LM hands it out, `acceptance_head(draft)`), a_j is the head's P(accept)
+  of drafted token j, read from the draft's post-norm state after it read that token (the draft forwards ask for
+  hidden states). The paper's rule (hf_generation.py,
   schedule 'ada'): after draft forward j (which read token j-1 and drew token j), stop when
   1 - prod_{i<j} a_i > h, within the bound [K_min = 2, K_max = max_draft_tokens]; forward 1 read only verified
   tokens and adds no factor. Token j is still proposed, so the last drafted token of a round has no prediction
@@ -97,7 +98,6 @@ from declab.core.sampling import draw_from, entropy_bits
 from declab.core import (Config, ModelNeed, Needs, Progress, RunContext, RunGen, Sequence, Strategy, param,
                          register)
 from declab.core.metrics import SpeculativeMetrics
-from declab.models.acceptance import load_acceptance_head
 from strategies.two_model import (DRAFTER_ADVICE, ModelState, expected_tokens_per_round, named_model, probs,
                                   record_speedup, speculative_step)
 
@@ -277,6 +277,14 @@ class NgramDrafter:
         return _point_masses(out, self.eos_ids), 0
 
 
+def acceptance_head_for(target, draft):
+    """SpecDec++'s trained acceptance head of (target, draft), asked of the target LM (`acceptance_head(draft)`,
+    declab/models/lm.py, which loads declab/models/acceptance.py's file once), or None: a model without that
+    method (the scripted fakes) or a pair without a trained head."""
+    get = getattr(target, "acceptance_head", None)
+    return get(draft) if callable(get) else None
+
+
 def specdec_keep_going(a_hat: list[float], num_drafted: int, h: float, k_min: int = SPECDEC_MIN_DRAFT) -> bool:
     """SpecDec++'s rule after draft forward j = num_drafted (token j drawn): go on while j < K_min, else while the
     predicted chance of at least one rejection among the tokens the draft has read, 1 - prod(a_hat), is <= h.
@@ -338,8 +346,8 @@ class Speculative(Strategy):
         if d == "prompt_lookup":
             return PromptLookupDrafter(cfg.ngram_size, ctx.lm.eos_ids, cfg.prompt_lookup_eos == "cut")
         draft = ctx.model("draft")
-        loaded = load_acceptance_head(ctx.lm, draft) if cfg.adaptive == "specdec" else None
-        return ModelDrafter(draft, cfg, ctx.generator, ctx.lm.eos_ids, head=loaded[0] if loaded else None)
+        head = acceptance_head_for(ctx.lm, draft) if cfg.adaptive == "specdec" else None
+        return ModelDrafter(draft, cfg, ctx.generator, ctx.lm.eos_ids, head=head)
 
     def run(self, ctx: RunContext, cfg: SpeculativeConfig) -> RunGen:
         lm, trace = ctx.lm, ctx.trace

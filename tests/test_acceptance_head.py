@@ -15,7 +15,7 @@ import torch
 
 from declab.models.acceptance import AcceptanceHead, acceptance_path, load_acceptance_head
 from declab.run import Run, RunRequest
-from strategies.speculative import SPECDEC_MIN_DRAFT, specdec_keep_going, specdec_length
+from strategies.speculative import SPECDEC_MIN_DRAFT, acceptance_head_for, specdec_keep_going, specdec_length
 from tests.fake import FakeLM, drafted_logits, hashed_logits, no_eos
 from viz.acceptance import predicted_acceptance_figure
 
@@ -54,8 +54,8 @@ def spec_run(lm, draft, n=40, **params):
 def toy(monkeypatch, fake_registry):
     target, draft = fake_pair()
     a = toy_a(draft.vocab_size)
-    monkeypatch.setattr("strategies.speculative.load_acceptance_head",
-                        lambda t, d: (ToyHead(d, a), {}) if d is draft else None)
+    monkeypatch.setattr("strategies.speculative.acceptance_head_for",
+                        lambda t, d: ToyHead(d, a) if d is draft else None)
     return target, draft, a
 
 
@@ -103,7 +103,7 @@ def test_h_to_one_drafts_k_max_and_h_to_zero_drafts_k_min(toy):
 
 def test_without_a_head_the_draft_confidence_proxy_runs(fake_registry):
     target, draft = fake_pair()
-    assert load_acceptance_head(target, draft) is None          # the fake pair has no trained head
+    assert load_acceptance_head(target, draft) is None and acceptance_head_for(target, draft) is None
     res = spec_run(target, draft, n=30, h=0.6)
     assert res.meta["metrics"]["acceptance_predictor"] == "draft confidence"
     assert res.frame[res.frame.kind == "propose"]["confidence"].notna().all()
@@ -124,7 +124,9 @@ def real_runs(real_lm, draft_lm):
 
 
 @pytest.mark.model
-def test_greedy_specdec_with_the_trained_head_equals_target_greedy(real_runs):
+def test_greedy_specdec_with_the_trained_head_equals_target_greedy(real_lm, draft_lm, real_runs):
+    assert isinstance(acceptance_head_for(real_lm, draft_lm), AcceptanceHead), \
+        "the embedded target should hand out its acceptance head: LM.acceptance_head(draft) in declab/models/lm.py"
     ref, res = real_runs
     assert res.sequences[0].token_ids == ref.sequences[0].token_ids
     m = res.meta["metrics"]

@@ -106,10 +106,10 @@ def test_greedy_spec_tree_with_every_head_equals_target_greedy(real_lm):
     def go(prompt, strategy, **params):
         return Run(real_lm, RunRequest(model=real_lm.key, strategy=strategy, prompt=prompt, prompt_format="chat",
                                        params=params, max_new_tokens=32)).run_to_end()
-    for prompt in PROMPTS:
+    for i, prompt in enumerate(PROMPTS):
         greedy = go(prompt, "greedy").sequences[0].token_ids
         for kind in KINDS:
-            for branching, budget in ((1, 4), (3, 12)):
+            for branching, budget in ((1, 4), (3, 12))[: 2 if i == 0 else 1]:      # both shapes, then the chain
                 res = go(prompt, "spec_tree", drafter=kind, branching=branching, tree_budget=budget, tree_depth=4,
                          measure_speedup=False)
                 assert res.sequences[0].token_ids == greedy, (kind, branching)

@@ -132,15 +132,16 @@ def test_the_shipped_adapter_file(real_lm):
     assert info["exit_layer"] == 2 and info["weights"] == "float16"
     for key in ("lr", "epochs", "steps", "positions", "train_s"):
         assert key in info
-    acc = info["held_out"]["top1_by_offset"]
-    assert len(acc) >= 2 and info["held_out"]["positions"] > 0
-    assert all(a >= b for a, b in zip(acc, acc[1:]))                         # a chain only gets harder
+    acc, chain = info["held_out"]["top1_by_offset"], info["held_out"]["chain_accepted_by_offset"]
+    assert len(acc) >= 2 and info["held_out"]["positions"] > 0 and all(0 <= a <= 1 for a in acc)
+    assert all(a >= b for a, b in zip(chain, chain[1:]))                     # a longer chain is only rarer
 
 
 def test_held_out_numbers_count_fully_accepted_chains_and_simulate_tau():
     ok, conf = torch.tensor([True, True, False, True]), torch.tensor([0.9, 0.5, 0.9, 0.9])
     out = held_out_numbers([(ok, conf)], max_offset=3, etas=(0.0, 0.7, 1.0))
-    assert out["top1_by_offset"] == [0.75, 0.3333, 0.0] and out["positions"] == 4
+    assert out["chain_accepted_by_offset"] == [0.75, 0.3333, 0.0] and out["positions"] == 4
+    assert out["top1_by_offset"] == [0.75, 0.4444, 0.0]          # conditional: 0.3333 / 0.75, 0 / 0.3333
     # eta 0: drafts run to the answer's end; eta 1: one draft; eta 0.7: t=0 stops after its 2nd draft (q 0.5)
     assert out["tau_by_eta"] == {"0.0": 2.0, "0.7": 2.0, "1.0": 1.75}
 

@@ -187,8 +187,8 @@ def train_head(train: dict, epochs: float = EPOCHS, lr: float = LR, batch: int =
     total = max(1, int(per_epoch * epochs))
     warm = max(1, round(warmup_ratio * total))
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
+                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
     step, t0, losses = 0, time.perf_counter(), []
     while step < total:
         for idx in torch.randperm(len(a), generator=rng).split(batch):

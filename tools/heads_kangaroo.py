@@ -14,8 +14,10 @@ and a cosine decay to the time budget; the adapter starts from the target's laye
 (`KangarooAdapter.init_from`; the reference starts from scratch). The best held-out checkpoint is kept.
 
 Held-out numbers (stored in the file's info, `held_out`):
-* `top1_by_offset[k-1]`: the fraction of held-out answer positions t (with t + k - 1 still in the answer) from which
-  k autoregressive drafts all equal the target's greedy tokens, i.e. a greedy chain of k drafts is fully accepted.
+* `chain_accepted_by_offset[k-1]`: the fraction of held-out answer positions t (with t + k - 1 still in the answer)
+  from which k autoregressive drafts all equal the target's greedy tokens, i.e. a greedy chain of k drafts is fully
+  accepted; `top1_by_offset[k-1]` = chain_accepted[k-1] / chain_accepted[k-2], the k-th draft right given the k - 1
+  before it were (the conditional acceptance, as Hydra's and EAGLE's numbers are stated; tools/heads_build.py).
   Kangaroo's drafts after a correct prefix read the target's own shallow states of that prefix, so drafting
   autoregressively from t is exactly the teacher-forced adapter at t, t+1, ...: offset 1 is the teacher-forced
   top-1 agreement and offset k is the product of the agreements along the answer (no drift, unlike EAGLE).
@@ -104,7 +106,8 @@ def predictions(adapter: KangarooAdapter, head: torch.Tensor, seqs: list[dict]) 
 
 
 def held_out_numbers(preds, max_offset: int = MAX_DRAFTS, etas=ETAS, max_drafts: int = MAX_DRAFTS) -> dict:
-    """top1_by_offset (chain of k drafts fully accepted, see the module docstring), positions, tau_by_eta."""
+    """top1_by_offset (offset k right given the k - 1 before it were: the conditional acceptance, as the other
+    heads report it), chain_accepted_by_offset (a chain of k drafts fully accepted), positions, tau_by_eta."""
     hits = [0] * max_offset
     counts = [0] * max_offset
     tau = {eta: [0, 0] for eta in etas}
@@ -127,7 +130,10 @@ def held_out_numbers(preds, max_offset: int = MAX_DRAFTS, etas=ETAS, max_drafts:
                         break
                 tau[eta][0] += min(run, d) + 1
                 tau[eta][1] += 1
-    return {"top1_by_offset": [round(h / max(c, 1), 4) for h, c in zip(hits, counts)], "positions": counts[0],
+    joint = [h / max(c, 1) for h, c in zip(hits, counts)]
+    cond = [joint[0]] + [j / p if p > 0 else 0.0 for p, j in zip(joint, joint[1:])]
+    return {"top1_by_offset": [round(c, 4) for c in cond], "chain_accepted_by_offset": [round(j, 4) for j in joint],
+            "positions": counts[0],
             "tau_by_eta": {str(eta): round(s / max(c, 1), 4) for eta, (s, c) in tau.items()},
             "max_drafts": max_drafts}
 

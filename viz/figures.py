@@ -8,7 +8,7 @@ import logging
 import pandas as pd
 import plotly.graph_objects as go
 
-from viz.acceptance import acceptance_figure
+from viz.acceptance import acceptance_figure, predicted_acceptance_figure
 from viz.common import has, rows_of
 from viz.mechanism import applicable
 from viz.timeline import entropy_figure, latency_figure
@@ -37,7 +37,8 @@ def tree_color(frame: pd.DataFrame) -> str:
 
 def figures_for(frame: pd.DataFrame, meta: dict | None = None) -> dict[str, go.Figure]:
     """Every figure that applies to this run, titled, in display order: "Token tree", "Entropy", "Latency",
-    "Acceptance" (when accept/reject, masked_mass or several models), then the mechanism views ("Mirostat",
+    "Acceptance" (when accept/reject, masked_mass or several models), "Predicted acceptance" (speculative with
+    adaptive=specdec: the acceptance predictor against what the target accepted), then the mechanism views ("Mirostat",
     "Diverse beam", ...). A figure that does not apply is left out; a figure that fails to build is logged and
     left out, so a page never breaks on an odd trace."""
     meta = meta or {}
@@ -47,7 +48,9 @@ def figures_for(frame: pd.DataFrame, meta: dict | None = None) -> dict[str, go.F
                  else None),
                 ("Entropy", lambda: entropy_figure(frame, meta)),
                 ("Latency", lambda: latency_figure(frame)),
-                ("Acceptance", lambda: acceptance_figure(frame))]
+                ("Acceptance", lambda: acceptance_figure(frame)),
+                ("Predicted acceptance", lambda: predicted_acceptance_figure(frame, meta)
+                 if (meta.get("metrics") or {}).get("acceptance_predictor") else None)]
     out: dict[str, go.Figure] = {}
     for label, build in builders:
         fig = _safely(label, build)

@@ -88,6 +88,7 @@ def save_heads(path: Path, tensors: dict[str, torch.Tensor], info: dict, weights
     tmp = path.with_suffix(".tmp")
     save_file(pack_tensors(tensors, weights), str(tmp),
               metadata={"format": "pt", META_KEY: json.dumps(dict(info, weights=weights))})
+    tmp.chmod(0o644)                                   # package data: readable by whoever installs it
     tmp.rename(path)
 
 

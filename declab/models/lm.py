@@ -21,6 +21,7 @@ from transformers.cache_utils import DynamicLayer
 
 from declab.core.errors import UserError
 from declab.core.tree import DraftTree, additive_mask
+from declab.models.acceptance import load_acceptance_head
 from declab.models.heads import TrainedHead, load_trained
 from declab.models.registry import ModelSpec
 
@@ -117,6 +118,12 @@ class LM:
             if kind not in self._trained:
                 self._trained[kind] = load_trained(self, kind)
             return self._trained[kind]
+
+    def acceptance_head(self, draft):
+        """SpecDec++'s trained acceptance head of this target with `draft` (declab/models/acceptance.py), or None
+        when the pair has none."""
+        found = load_acceptance_head(self, draft)
+        return found[0] if found else None
 
     # ------------------------------------------------------------------------------------ token trees
     def tree_inputs(self, tree: DraftTree, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
