@@ -75,9 +75,9 @@ from declab.core.tree import DraftTree
 from declab.core.verify import verify_tree, verify_typical
 from strategies.head_drafters import HEAD_DRAFTERS, make_head_drafter
 from strategies.kangaroo import KangarooDrafter
-from strategies.speculative import ModelDrafter
 from strategies.tree_drafters import TreeDrafter, make_tree_drafter
-from strategies.two_model import DRAFTER_ADVICE, ModelState, common_prefix, named_model, probs, record_speedup
+from strategies.two_model import (DRAFTER_ADVICE, ModelDrafter, ModelState, common_prefix, named_model, probs,
+                                  record_speedup)
 
 DRAFTERS = ("model", "aded", "token_recycling", "lookahead", "prompt_lookup") + HEAD_DRAFTERS + ("kangaroo",)
 VERIFY = ("auto", "greedy", "multi_round", "spectr", "rsd", "typical")

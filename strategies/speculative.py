@@ -29,8 +29,10 @@ Paper / reference symbol -> config field:
         draft's confidence
     warpers (temperature, top-k, top-p)              -> temperature, top_k, top_p (applied to p and q alike)
     drafter                                           -> draft: `model` (the second model: for the embedded default
-        the distilled draft `smollm2-135m-draft`), a models.yaml key, `ngram` (ADED-style tri-gram table) or
-        `prompt_lookup`
+        the distilled draft `smollm2-135m-draft`), a models.yaml key, `ngram` (ADED-style tri-gram table),
+        `prompt_lookup`, or the target's trained drafters `medusa`, `hydra`, `eagle`, `kangaroo` (issue 18): those
+        run as spec_tree's chain (branching 1, tree_budget = tree_depth = gamma; strategies/spec_tree.py), whose
+        trace and metrics (TreeMetrics) they report
 
 Deviations, each on purpose:
 * SpecDec++ (adaptive = specdec; Huang et al., "SpecDec++: Boosting Speculative Decoding via Adaptive Candidate
@@ -98,10 +100,13 @@ from declab.core.sampling import draw_from, entropy_bits
 from declab.core import (Config, ModelNeed, Needs, Progress, RunContext, RunGen, Sequence, Strategy, param,
                          register)
 from declab.core.metrics import SpeculativeMetrics
-from strategies.two_model import (DRAFTER_ADVICE, ModelState, expected_tokens_per_round, named_model, probs,
-                                  record_speedup, speculative_step)
+from strategies.head_drafters import HEAD_DRAFTERS
+from strategies.spec_tree import SpecTree, SpecTreeConfig
+from strategies.two_model import (DRAFTER_ADVICE, ModelDrafter, ModelState, Proposal, expected_tokens_per_round,
+                                  named_model, probs, record_speedup, speculative_step)
 
 MODEL_FREE = ("ngram", "prompt_lookup")
+TRAINED = HEAD_DRAFTERS + ("kangaroo",)   # the target's trained drafters: a chain of spec_tree (branching 1)
 ADAPTIVE = ("off", "heuristic", "confidence", "specdec")
 SPECDEC_MIN_DRAFT = 2          # K_min of SpecDec++'s bound (README: --bound 2 20); K_max = max_draft_tokens
 PREDICTORS = ("trained head", "draft confidence")
@@ -111,7 +116,8 @@ PREDICTORS = ("trained head", "draft confidence")
 class SpeculativeConfig(Config):
     draft: str = param("model", help="Drafter: 'model' (the second model beside the model, e.g. the embedded "
                                      "default's distilled draft), a models.yaml key, 'ngram' (ADED-style tri-gram "
-                                     "table) or 'prompt_lookup'.")
+                                     "table), 'prompt_lookup', or the target's trained drafters 'medusa', 'hydra', "
+                                     "'eagle', 'kangaroo' (run as spec_tree's chain, branching 1).")
     num_draft_tokens: int = param(4, lo=1, hi=64, help="gamma: tokens drafted per round (the start value of the "
                                                        "heuristic schedule).")
     adaptive: str = param("off", choices=ADAPTIVE,
@@ -141,70 +147,23 @@ class SpeculativeConfig(Config):
     def check(self) -> None:
         if not self.draft.strip():
             raise UserError("speculative: draft must be 'model', a model key, 'ngram' or 'prompt_lookup', got ''")
+        if self.draft.strip() in TRAINED and self.adaptive not in ("off", "confidence"):
+            raise UserError(f"speculative: draft={self.draft.strip()} drafts a fixed-length chain (adaptive=off) or, "
+                            f"for kangaroo, stops on its confidence (adaptive=confidence); got adaptive="
+                            f"{self.adaptive}")
+
+    def chain(self) -> SpecTreeConfig:
+        """draft = a trained drafter (medusa, hydra, eagle, kangaroo): the same run as spec_tree with branching 1,
+        gamma = num_draft_tokens (adaptive=confidence: max_draft_tokens and Kangaroo's eta = confidence_threshold;
+        otherwise Kangaroo keeps its own eta 0.6)."""
+        gamma = min(self.max_draft_tokens if self.adaptive == "confidence" else self.num_draft_tokens, 32)
+        eta = self.confidence_threshold if self.adaptive == "confidence" else SpecTreeConfig.confidence_threshold
+        return SpecTreeConfig(drafter=self.draft.strip(), tree_budget=gamma, tree_depth=gamma, branching=1,
+                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              confidence_threshold=eta, measure_speedup=self.measure_speedup)
 
 
 # ------------------------------------------------------------------------------------------------ drafters
-@dataclass
-class Proposal:
-    token: int
-    q: torch.Tensor | None       # [V] warped draft distribution the token was drawn from; None = point mass
-    q_token: float               # q(token)
-    confidence: float | None     # predicted acceptance: the drafter's probability of the token, or the trained
-                                 # head's a_j (None until the draft has read the token)
-    logprob: float | None = None  # unwarped draft log-prob
-    entropy: float | None = None
-    ms: float = 0.0
-
-
-class ModelDrafter:
-    """A smaller same-tokenizer LM with its own KV cache. With `head` (SpecDec++'s trained acceptance head, an
-    object with p_accept(states [..., H]) -> [...]), each draft forward after the first also returns the draft's
-    post-norm state of the token it read, and that token's confidence becomes the head's a_j."""
-
-    def __init__(self, lm, cfg: SpeculativeConfig, generator: torch.Generator, eos_ids, head=None):
-        self.state = ModelState(lm, "draft")
-        self.name = lm.key
-        self.cfg, self.generator, self.eos_ids = cfg, generator, eos_ids
-        self.head = head
-
-    def propose(self, seq: list[int], gamma: int, keep_going) -> tuple[list[Proposal], int]:
-        """Up to gamma tokens; keep_going(confidences so far) may stop early. Returns (proposals, catch-up).
-        With a head, confidences are [a_1 .. a_{n-1}, None]: draft forward j+1 (which read token j) gives a_j."""
-        cfg, lm, head = self.cfg, self.state.lm, self.head
-        t0 = lm.clock_ms()
-        out, fed = self.state.advance(seq)
-        props: list[Proposal] = []
-        for i in range(gamma):
-            if head is not None and i > 0:                      # the state after reading token i (1-based)
-                props[-1].confidence = float(head.p_accept(out.hidden[0, -1]))     # hidden [1, 1, H] -> a_i
-            logits = out.logits[0]                                                  # [V]
-            logp = logits.log_softmax(-1)
-            if cfg.temperature == 0:
-                token = int(logits.argmax())
-                q, q_tok = None, float(logp[token].exp())        # greedy: q is the point mass; q_tok for the trace
-                conf = q_tok
-            else:
-                q = probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
-                token = draw_from(q, self.generator)
-                q_tok = conf = float(q[token])
-            if head is not None:
-                conf = None                                     # a_i comes from the next forward's state
-            t1 = lm.clock_ms()
-            props.append(Proposal(token, q, q_tok, conf, float(logp[token]), float(entropy_bits(logp)), t1 - t0))
-            t0 = t1
-            if token in self.eos_ids or i + 1 == gamma or not keep_going([p.confidence for p in props]):
-                break
-            out = lm.step([[token]], self.state.cache, hidden=head is not None)
-            self.state.cache = out.cache
-            self.state.ids.append(token)
-            self.state.forwards += 1
-            self.state.tokens_fed += 1
-        return props, fed - 1
-
-    def observe(self, seq: list[int]) -> None:
-        pass
-
-
 class PromptLookupDrafter:
     """Copy the continuation of the latest trailing n-gram's first earlier occurrence (transformers' prompt lookup)."""
 
@@ -335,7 +294,7 @@ class Speculative(Strategy):
 
     def needs(self, cfg: SpeculativeConfig) -> Needs:
         """A draft model (the key `draft` names, else the paired one), or none for the model-free drafters."""
-        if cfg.draft.strip() in MODEL_FREE:
+        if cfg.draft.strip() in MODEL_FREE + TRAINED:
             return Needs()
         return Needs(models=(ModelNeed("draft", named_model(cfg.draft) or ""),))
 
@@ -350,6 +309,8 @@ class Speculative(Strategy):
         return ModelDrafter(draft, cfg, ctx.generator, ctx.lm.eos_ids, head=head)
 
     def run(self, ctx: RunContext, cfg: SpeculativeConfig) -> RunGen:
+        if cfg.draft.strip() in TRAINED:                  # the target's own trained drafter: spec_tree's chain
+            return (yield from SpecTree().run(ctx, cfg.chain()))
         lm, trace = ctx.lm, ctx.trace
         drafter = self.make_drafter(ctx, cfg)
         target = ModelState(lm, "target")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from declab.core.sampling import draw_from, warp
+from declab.core.sampling import draw_from, entropy_bits, warp
 
 SECOND_MODEL_DEFAULTS = ("model", "pair", "")     # parameter values meaning "the second model beside the model"
 
@@ -93,6 +93,69 @@ class ModelState:
         self.tokens_fed += len(feed)
         self.fwd_ms += out.fwd_ms
         return out, len(seq) - keep
+
+
+# ------------------------------------------------------------------------------------------------ model drafter
+@dataclass
+class Proposal:
+    token: int
+    q: torch.Tensor | None       # [V] warped draft distribution the token was drawn from; None = point mass
+    q_token: float               # q(token)
+    confidence: float | None     # predicted acceptance: the drafter's probability of the token, or the trained
+                                 # head's a_j (None until the draft has read the token)
+    logprob: float | None = None  # unwarped draft log-prob
+    entropy: float | None = None
+    ms: float = 0.0
+
+
+class ModelDrafter:
+    """A smaller same-tokenizer LM with its own KV cache. With `head` (SpecDec++'s trained acceptance head, an
+    object with p_accept(states [..., H]) -> [...]), each draft forward after the first also returns the draft's
+    post-norm state of the token it read, and that token's confidence becomes the head's a_j."""
+
+    def __init__(self, lm, cfg, generator: torch.Generator, eos_ids, head=None):
+        self.state = ModelState(lm, "draft")
+        self.name = lm.key
+        self.cfg, self.generator, self.eos_ids = cfg, generator, eos_ids
+        self.head = head
+
+    def propose(self, seq: list[int], gamma: int, keep_going) -> tuple[list[Proposal], int]:
+        """Up to gamma tokens; keep_going(confidences so far) may stop early. Returns (proposals, catch-up).
+        With a head, confidences are [a_1 .. a_{n-1}, None]: draft forward j+1 (which read token j) gives a_j."""
+        cfg, lm, head = self.cfg, self.state.lm, self.head
+        t0 = lm.clock_ms()
+        out, fed = self.state.advance(seq)
+        props: list[Proposal] = []
+        for i in range(gamma):
+            if head is not None and i > 0:                      # the state after reading token i (1-based)
+                props[-1].confidence = float(head.p_accept(out.hidden[0, -1]))     # hidden [1, 1, H] -> a_i
+            logits = out.logits[0]                                                  # [V]
+            logp = logits.log_softmax(-1)
+            if cfg.temperature == 0:
+                token = int(logits.argmax())
+                q, q_tok = None, float(logp[token].exp())        # greedy: q is the point mass; q_tok for the trace
+                conf = q_tok
+            else:
+                q = probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+                token = draw_from(q, self.generator)
+                q_tok = conf = float(q[token])
+            if head is not None:
+                conf = None                                     # a_i comes from the next forward's state
+            t1 = lm.clock_ms()
+            props.append(Proposal(token, q, q_tok, conf, float(logp[token]), float(entropy_bits(logp)), t1 - t0))
+            t0 = t1
+            if token in self.eos_ids or i + 1 == gamma or not keep_going([p.confidence for p in props]):
+                break
+            out = lm.step([[token]], self.state.cache, hidden=head is not None)
+            self.state.cache = out.cache
+            self.state.ids.append(token)
+            self.state.forwards += 1
+            self.state.tokens_fed += 1
+        return props, fed - 1
+
+    def observe(self, seq: list[int]) -> None:
+        pass
+
 
 
 def common_prefix(a: list[int], b: list[int], start: int = 0) -> int:

@@ -210,3 +210,20 @@ def test_every_trained_drafter_runs_from_the_app_and_the_observatory_shows_their
     assert at.multiselect(key="drf:drafters").value == list(obs.legal_drafters())   # the embedded model has them all
     charts = [c for c in at.get("plotly_chart") if "Held-out top-1" in c.proto.spec]
     assert len(charts) == 1
+
+
+@pytest.mark.model
+def test_speculative_takes_the_trained_drafters_as_chains(real_lm):
+    """`speculative --set draft=<trained drafter>` is spec_tree's chain (branching 1): the same tokens, the same
+    rounds; an adaptive rule the chain cannot follow is refused."""
+    def go(strategy, **params):
+        return Run(real_lm, RunRequest(model=real_lm.key, strategy=strategy, prompt=PROMPTS[1], prompt_format="chat",
+                                       params=dict(params, measure_speedup=False), max_new_tokens=24)).run_to_end()
+    for kind in ("hydra", "kangaroo"):
+        spec = go("speculative", draft=kind, num_draft_tokens=4)
+        tree = go("spec_tree", drafter=kind, branching=1, tree_budget=4, tree_depth=4)
+        assert spec.status == "ok" and spec.sequences[0].token_ids == tree.sequences[0].token_ids
+        assert spec.meta["metrics"]["rounds"] == tree.meta["metrics"]["rounds"]
+    with pytest.raises(UserError, match="adaptive"):
+        Run(real_lm, RunRequest(model=real_lm.key, strategy="speculative", prompt="hi",
+                                params={"draft": "medusa", "adaptive": "specdec"}, max_new_tokens=4))
