@@ -36,8 +36,9 @@ DRAFTER_ADVICE = (
     "reformat a given text or code), use speculative with draft = prompt_lookup and num_draft_tokens 16 to 24: on "
     "16 such prompts on a 2-core CPU that was 3.8-4.0x faster than plain greedy end to end (4.6-4.8x for the "
     "decoding alone), with exactly the same tokens. On open-ended chat there is little to copy and no drafter paid "
-    "on that CPU (best: spec_tree with drafter token_recycling, 1.04x; the embedded model draft 0.5x): use greedy "
-    "there. Measured by bench/speculative_cpu.py; the table is in README.md.")
+    "on that CPU (best: spec_tree with drafter token_recycling, 1.0x; the trained heads medusa, hydra, eagle, kangaroo "
+    "0.75-0.9x; the embedded model draft 0.5x): use greedy there. Measured by bench/speculative_cpu.py; the table is "
+    "in README.md.")
 
 
 def model_params(lm) -> int | None:

@@ -342,7 +342,7 @@ def draft_vocab() -> torch.Tensor:
     return load_tensors(DEFAULT_WEIGHTS)["lm_head.vocab_ids"]
 
 
-def build(kinds, force: bool = False, time_limit_s: float = 900, log=print) -> dict:
+def build(kinds, force: bool = False, time_limit_s: float = 900, out_dir: Path = OUT, log=print) -> dict:
     work = cache_root() / "heads-build"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -352,7 +352,7 @@ def build(kinds, force: bool = False, time_limit_s: float = 900, log=print) -> d
     base.requires_grad_(False)
     done = {}
     for kind in kinds:
-        out = OUT / (f"acceptance-smollm2-135m-draft.safetensors" if kind == "acceptance" else f"{kind}.safetensors")
+        out = out_dir / ("acceptance-smollm2-135m-draft.safetensors" if kind == "acceptance" else f"{kind}.safetensors")
         if out.exists() and not force:
             log(f"{kind}: {out} exists (--force rebuilds it)")
             done[kind] = read_heads_info(out)
@@ -384,6 +384,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=",".join(KINDS), help=f"comma-separated kinds (default: all of {KINDS})")
     ap.add_argument("--force", action="store_true", help="rebuild kinds whose file exists")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out-dir", default=str(OUT), help="where the files go (default: the shipped heads folder; "
+                                                        "another folder to check a rebuild against them)")
     ap.add_argument("--time-limit", type=float, default=1080, help="training seconds per kind (issue: <= 20 min)")
     args = ap.parse_args(argv)
     kinds = [k.strip() for k in args.only.split(",") if k.strip()]
@@ -392,11 +394,11 @@ def main(argv=None) -> int:
         ap.error(f"unknown kind {bad[0]!r}; kinds: {', '.join(KINDS)}")
     torch.set_num_threads(args.threads)
     if args.command == "build":
-        build(kinds, args.force, args.time_limit)
+        build(kinds, args.force, args.time_limit, Path(args.out_dir))
     else:
         for k in kinds:
             name = "acceptance-smollm2-135m-draft" if k == "acceptance" else k
-            path = OUT / f"{name}.safetensors"
+            path = Path(args.out_dir) / f"{name}.safetensors"
             print(k, json.dumps(read_heads_info(path).get("held_out")) if path.exists() else "(not built)")
     return 0
 
