@@ -105,7 +105,7 @@ def test_the_stored_heads_load_with_their_numbers(real_lm, kind):
 def test_greedy_spec_tree_with_every_head_equals_target_greedy(real_lm):
     def go(prompt, strategy, **params):
         return Run(real_lm, RunRequest(model=real_lm.key, strategy=strategy, prompt=prompt, prompt_format="chat",
-                                       params=params, max_new_tokens=32)).run_to_end()
+                                       params=params, max_new_tokens=24)).run_to_end()
     for i, prompt in enumerate(PROMPTS):
         greedy = go(prompt, "greedy").sequences[0].token_ids
         for kind in KINDS:
