@@ -39,7 +39,7 @@ import torch
 from declab.core.paths import cache_root
 from declab.models.heads import HERE, save_heads
 from declab.models.split import KangarooAdapter
-from tools.draft_build import distill_loss, load_base
+from tools.draft_build import _batches, distill_loss, load_base
 from tools.heads_data import stage_answers, stage_states
 
 EXIT_LAYER = 2                    # E (the paper's default)
@@ -54,22 +54,6 @@ DEFAULT_OUT = HERE / "heads" / "smollm2-135m" / "kangaroo.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------ batches
-def _batches(seqs: list[dict], max_tokens: int, rng: torch.Generator) -> list[list[int]]:
-    """Sequences grouped by length into batches of at most max_tokens padded positions, in random order."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]["ids"]))
-    out, cur, width = [], [], 0
-    for i in order:
-        n = len(seqs[i]["ids"]) - 1
-        if cur and max(width, n) * (len(cur) + 1) > max_tokens:
-            out.append(cur)
-            cur, width = [], 0
-        cur.append(i)
-        width = max(width, n)
-    if cur:
-        out.append(cur)
-    return [out[p] for p in torch.randperm(len(out), generator=rng).tolist()]
-
-
 def _collate(seqs: list[dict], idx: list[int]):
     """Right-padded h_E [B, W, H] (positions 0..L-2: the last one predicts nothing scored), the (row, position)
     of every answer position [N, 2], the teacher's top-K ids [N, K] and log-probs [N, K] there."""
