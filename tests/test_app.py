@@ -235,22 +235,33 @@ def test_two_sessions_do_not_share_runs(fake_registry):
     assert session_runs(b) == []
 
 
-def test_concurrent_sessions_share_the_model_safely(fake_registry):
+def test_concurrent_sessions_share_the_model_safely(fake_registry, monkeypatch):
     """Three sessions sampling at once on the one cached model get exactly what each gets alone, and only their own
     run."""
     import threading
 
-    def session(seed: int, out: dict) -> None:
-        at = AppTest.from_file(str(HOME), default_timeout=TIMEOUT).run()
-        at.selectbox(key="run:strategy").set_value("sample").run()
-        at.number_input(key="run:seed").set_value(seed)
-        at.number_input(key="run:max_new_tokens").set_value(100)
-        at.button(key="run:go").click().run()
-        out[seed] = ([r.text for r in session_runs(at)], len(at.exception))
+    from streamlit.runtime.scriptrunner.script_cache import ScriptCache
+    from streamlit.testing.v1 import app_test, local_script_runner
 
-    # one script run first: AppTest's runtime is set up on first use, and three first uses at once race there
-    # (a KeyError on the page's widgets when this test runs alone; not the app's behaviour)
-    AppTest.from_file(str(HOME), default_timeout=TIMEOUT).run()
+    # A server compiles each page once, in its one locked ScriptCache; AppTest gives every session its own cache, so
+    # three sessions compiling at once race in CPython 3.11's ast.parse ("AST constructor recursion depth
+    # mismatch", then a KeyError on the page's widgets). Share one cache here, as the server does.
+    shared = ScriptCache()
+    for module in (app_test, local_script_runner):
+        monkeypatch.setattr(module, "ScriptCache", lambda: shared)
+
+    def session(seed: int, out: dict) -> None:
+        try:
+            at = AppTest.from_file(str(HOME), default_timeout=TIMEOUT).run()
+            at.selectbox(key="run:strategy").set_value("sample").run()
+            at.number_input(key="run:seed").set_value(seed)
+            at.number_input(key="run:max_new_tokens").set_value(100)
+            at.button(key="run:go").click().run()
+            out[seed] = ([r.text for r in session_runs(at)], len(at.exception))
+        except Exception:                      # a thread's exception would otherwise only show as a missing seed
+            import traceback
+            out[seed] = traceback.format_exc()
+
     together: dict = {}
     threads = [threading.Thread(target=session, args=(seed, together)) for seed in (0, 2, 3)]
     for t in threads:

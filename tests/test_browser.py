@@ -161,6 +161,7 @@ def test_run_greedy_on_the_embedded_model_in_chromium(streamlit_app, real_lm, tm
 # ---------------------------------------------------------------------------------------------- issue 23, item 1
 FAKE_DELAY_S = 0.1                      # per forward of the scripted fake: a 20-token run decodes for ~2 s
 RUN_TOKENS = 20
+STOP_RUN_TOKENS = 400                   # the run that is stopped: ~40 s, far longer than pressing Stop takes
 
 
 def _is_local(request_url: str) -> bool:
@@ -228,8 +229,12 @@ def test_a_run_survives_its_page_and_stop_shows_at_once(tmp_path):
             assert [r["status"] for r in rows] == ["ok", "ok"], rows
             assert rows[0]["new_tokens"] == RUN_TOKENS, rows[0]
 
-            # Stop: the run is stored as stopped and the page shows it within a second
+            # Stop: the run is stored as stopped and the page shows it within a second. This run is long (40 s of
+            # decoding), so a loaded machine cannot let it finish before Stop is pressed.
             decoding.wait_for(state="detached", timeout=10_000)
+            tokens.fill(str(STOP_RUN_TOKENS))
+            tokens.press("Enter")
+            page.wait_for_timeout(800)
             run_button.click()
             main.get_by_text(re.compile(r"[3-9] / \d+ tokens · decoding")).wait_for(timeout=30_000)
             main.get_by_role("button", name="Stop").click()
@@ -239,7 +244,7 @@ def test_a_run_survives_its_page_and_stop_shows_at_once(tmp_path):
             print(f"[browser test] stopped run shown {time.monotonic() - t_stop:.2f} s after Stop (shared CPU)")
             assert decoding.count() == 0, main.inner_text()[:2000]
             rows = wait_stored(3)
-            assert rows[0]["status"] == "stopped" and 0 < rows[0]["new_tokens"] < RUN_TOKENS, rows[0]
+            assert rows[0]["status"] == "stopped" and 0 < rows[0]["new_tokens"] < STOP_RUN_TOKENS, rows[0]
             page.screenshot(path=str(tmp_path / "stopped.png"))
             shutil.copyfile(tmp_path / "stopped.png", "/tmp/declab-stopped.png")
 
