@@ -16,12 +16,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 
 from declab.core.errors import UserError
 from declab.core.tree import DraftTree, additive_mask
 from declab.models.acceptance import load_acceptance_head
+from declab.models.compiled import CompiledStep, bucket, release_static
 from declab.models.heads import TrainedHead, load_trained
 from declab.models.registry import ModelSpec
 
@@ -53,6 +54,8 @@ class LM:
         self._token_text: dict[int, str] = {}
         self._trained: dict[str, TrainedHead] = {}
         self._trained_lock = threading.Lock()
+        # models.yaml `kernels: compiled`: the per-token loop's one-position steps through torch.compile
+        self.compiled: CompiledStep | None = CompiledStep(model) if spec.kernels == "compiled" else None
 
     # ----------------------------------------------------------------------------------------- timing
     def sync(self) -> None:
@@ -73,6 +76,8 @@ class LM:
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True,
                              output_hidden_states=hidden, logits_to_keep=0 if all_logits else 1, **pad)
+        if self.compiled is not None and isinstance(cache, StaticCache):
+            release_static(cache)                                     # before the compiled steps read it
         logits = out.logits.float()                                   # [B, T or 1, V]
         logits = logits if all_logits else logits[:, -1, :]           # [B, T, V] | [B, V]
         h = out.hidden_states[-1] if hidden else None                 # [B, T, H], already final-normed
@@ -82,8 +87,10 @@ class LM:
         """A fresh KV cache: dynamic, or with models.yaml `cache: static` and a known final length max_len (prompt +
         new tokens) a StaticCache of that length, preallocated once (what torch.compile / CUDA graphs need on a GPU;
         the per-token loop asks for it, strategies that crop, fork or reorder caches keep the dynamic one)."""
+        if max_len is not None and self.compiled is not None:
+            # one compiled graph per cache length: lengths are bucketed (declab/models/compiled.py)
+            return StaticCache(config=self.model.config, max_cache_len=bucket(int(max_len)))
         if max_len is not None and self.spec.cache == "static" and getattr(self.model, "_can_compile_fullgraph", True):
-            from transformers import StaticCache
             return StaticCache(config=self.model.config, max_cache_len=int(max_len))
         return DynamicCache(config=self.model.config)
 
@@ -104,6 +111,13 @@ class LM:
              inputs_embeds: torch.Tensor | None = None, attention_mask=None, position_ids=None) -> StepOut:
         """Append T positions to `cache`: ids [B, T] (or a list for B=1), or inputs_embeds [B, T, H].
         attention_mask [B, cache length + T] and position_ids [B, T]: for left-padded rows (see prefill)."""
+        if (self.compiled is not None and isinstance(cache, StaticCache) and inputs_embeds is None and not hidden
+                and not all_logits and attention_mask is None):
+            x = self.as_ids(ids)                                      # [B, T]
+            if x.shape == (1, 1):                                     # a decoding step of the per-token loop
+                t0 = self.clock_ms()
+                logits = self.compiled(x, cache).float()              # [1, V]
+                return StepOut(logits=logits, cache=cache, hidden=None, fwd_ms=self.clock_ms() - t0)
         if inputs_embeds is not None:
             return self._forward(cache, inputs_embeds=inputs_embeds.to(self.dtype), hidden=hidden,
                                  all_logits=all_logits, attention_mask=attention_mask, position_ids=position_ids)

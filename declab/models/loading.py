@@ -28,6 +28,8 @@ from declab.models.lm import LM
 from declab.models.packed import pack_linears, use_packed
 from declab.models.registry import DEFAULT_PATH, SOURCE_KINDS, ModelSpec, load_registry
 
+WARM_LENGTH = 128               # kernels: compiled: the StaticCache bucket compiled at load (prompt + new tokens)
+
 Loader = Callable[[ModelSpec], LM]
 _LOADERS: dict[str, Loader] = {}
 
@@ -191,4 +193,7 @@ def _load_transformers(spec: ModelSpec) -> tuple[LM, bool]:
                                                                      dtype=torch.qint8))
     if use_packed(spec.kernels, device, dtype, spec.quantization):
         pack_linears(model)                        # the exact fast CPU path (int8: the float32 LM head)
-    return LM(model, tokenizer, spec, device=device, dtype=dtype, quantization=spec.quantization), cached
+    lm = LM(model, tokenizer, spec, device=device, dtype=dtype, quantization=spec.quantization)
+    if lm.compiled is not None:                    # compile the common bucket now, not in a run's first step
+        lm.compiled.warm(lm.new_cache, lm.as_ids(tokenizer.encode("Hello")), WARM_LENGTH)
+    return lm, cached

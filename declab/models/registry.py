@@ -18,7 +18,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "bnb-4bit", "bnb-8bit", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 CACHES = ("dynamic", "static")
-KERNELS = ("auto", "onednn", "transformers")     # declab/models/packed.py
+KERNELS = ("auto", "onednn", "transformers", "compiled")     # declab/models/packed.py, compiled.py
 SOURCE_KINDS = ["hub", "path", "package", "draft"]    # more through declab.models.loading.register_source
 FIELDS = ("source", "dtype", "quantization", "device", "chat", "context_length", "description", "pairs",
           "trust_remote_code", "cache", "kernels", "heads")
@@ -41,7 +41,8 @@ class ModelSpec:
     pairs: tuple[str, ...] = ()
     trust_remote_code: bool = False
     cache: str = "dynamic"
-    kernels: str = "auto"           # CPU float32 linears: auto | onednn (packed, declab/models/packed.py) | transformers
+    kernels: str = "auto"           # auto | onednn (packed linears, declab/models/packed.py) | transformers | compiled
+                                    # (torch.compile'd decoding steps, declab/models/compiled.py)
     heads: str = ""                 # folder of trained drafting heads for this model's weights (declab/models/heads.py)
 
     @property
@@ -98,6 +99,8 @@ def _entry(key: str, raw, where: str) -> ModelSpec:
                            ("cache", CACHES), ("kernels", KERNELS)):
         if raw.get(field, allowed[0]) not in allowed:
             bad(field, f"must be one of {', '.join(allowed)}, got {raw.get(field)!r}")
+    if raw.get("kernels") == "compiled" and raw.get("quantization", "none") != "none":
+        bad("kernels", "compiled needs quantization none (it compiles the float weights)")
     ctx = raw.get("context_length", 2048)
     if not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 16:
         bad("context_length", f"must be an integer >= 16, got {ctx!r}")
