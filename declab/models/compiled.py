@@ -5,8 +5,10 @@ Why each piece is there, measured on this lab's 2-core reference machine (the em
 - Eager transformers spends about half a decoding step outside its matrix-vector products: some 400 small
   PyTorch calls per token, each with Python and dispatcher overhead. Inductor fuses the norms, rotary embedding,
   residual adds and the MLP's activation into a few C++ kernels, and runs the graph from one call.
-- *Freezing* (`torch._inductor.config.freezing`) treats the weights as constants, so Inductor lays every linear's
-  weight out once for MKL's packed GEMV (without it, the compiled graph re-lays weights on every call).
+- The linears stay the oneDNN-packed ones of declab/models/packed.py (on a CPU in float32), and *freezing*
+  (`torch._inductor.config.freezing`) treats weights as constants, so the graph calls oneDNN's linear on the packed
+  weights directly. (Without freezing Inductor cannot lower the packed op; compiling stock linears with freezing
+  gives MKL's GEMV, about 10% slower here; without either, the graph re-lays the weights on every call.)
 - A StaticCache gives every step the same shapes, so one graph serves the whole run. Its length is rounded up to a
   bucket (`bucket`: powers of two from 128), so runs of different lengths share a graph; each bucket compiles once.
 - transformers marks a StaticCache's tensors (keys, values and its `cumulative_length` counter) as static graph
