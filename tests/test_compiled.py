@@ -45,6 +45,7 @@ def greedy(lm, n: int):
                               max_new_tokens=n)).run_to_end()
 
 
+@pytest.mark.model
 def test_compiled_greedy_decodes_and_traces_what_the_stock_kernels_do(tiny_pair):
     """Token for token and column for column (logprob, entropy) the same run; with the StaticCache's position
     counter frozen into the graph (the pitfall in compiled.py) the tokens would go wrong from the third step."""
@@ -59,6 +60,7 @@ def test_compiled_greedy_decodes_and_traces_what_the_stock_kernels_do(tiny_pair)
         assert torch.allclose(torch.tensor(ta[col].to_numpy()), torch.tensor(tb[col].to_numpy()), atol=1e-4), col
 
 
+@pytest.mark.model
 def test_runs_in_one_bucket_reuse_the_compiled_graph(tiny_pair):
     from torch._dynamo.utils import counters
     compiled, stock = tiny_pair
