@@ -80,3 +80,17 @@ def test_registry_refuses_compiled_with_quantization(tmp_path):
     p.write_text("models:\n  a: {source: {hub: x/y}, kernels: compiled, quantization: int8}\n")
     with pytest.raises(UserError, match="kernels.*compiled needs quantization none"):
         load_registry(p)
+
+
+@pytest.mark.model
+def test_a_step_that_cannot_compile_is_one_line(tiny_pair, monkeypatch):
+    """No C++ compiler (or anything else Inductor trips on) at load: a UserError naming the fix, not a traceback."""
+    from declab.models.compiled import CompiledStep
+    compiled, _ = tiny_pair
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("InductorError: CppCompileError: C++ compile error\nmore lines")
+    monkeypatch.setattr(torch, "compile", broken)
+    step = CompiledStep(compiled.model)
+    with pytest.raises(UserError, match=r"kernels: compiled could not compile .*CppCompileError.*Use kernels: auto"):
+        step.warm(compiled.new_cache, compiled.as_ids([1, 2, 3]), 40)

@@ -195,5 +195,8 @@ def _load_transformers(spec: ModelSpec) -> tuple[LM, bool]:
         pack_linears(model)                        # the exact fast CPU path (int8: the float32 LM head)
     lm = LM(model, tokenizer, spec, device=device, dtype=dtype, quantization=spec.quantization)
     if lm.compiled is not None:                    # compile the common bucket now, not in a run's first step
-        lm.compiled.warm(lm.new_cache, lm.as_ids(tokenizer.encode("Hello")), WARM_LENGTH)
+        try:
+            lm.compiled.warm(lm.new_cache, lm.as_ids(tokenizer.encode("Hello")), WARM_LENGTH)
+        except UserError as e:
+            raise UserError(f"model '{spec.key}': {e}") from None
     return lm, cached
