@@ -9,3 +9,9 @@ class UserError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when empty), at most `limit` characters: what a
+    one-line UserError quotes of a library's multi-line error."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

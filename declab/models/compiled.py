@@ -36,7 +36,7 @@ import time
 import torch
 import torch._inductor.config as inductor_config
 
-from declab.core.errors import UserError
+from declab.core.errors import UserError, first_line
 from declab.core.paths import cache_root
 
 MIN_BUCKET = 128                         # the smallest StaticCache length (positions)
@@ -99,7 +99,7 @@ class CompiledStep:
             for _ in range(2):
                 self(prompt_ids[:, -1:], cache)
         except Exception as e:     # no C++ compiler, an unsupported model...: one line, and the eager entries still work
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e)
             raise UserError(f"kernels: compiled could not compile this model's decoding step ({type(e).__name__}: "
                             f"{first}); Inductor needs a C++ compiler on a CPU. Use kernels: auto") from None
         return round(time.perf_counter() - t0, 1)

@@ -21,7 +21,7 @@ import torch
 
 from typing import Callable
 
-from declab.core.errors import UserError
+from declab.core.errors import UserError, first_line
 from declab.core.paths import cache_root, package_folder
 from declab.models.draft import build_draft_model, weights_path
 from declab.models.lm import LM
@@ -179,7 +179,7 @@ def _load_transformers(spec: ModelSpec) -> tuple[LM, bool]:
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise UserError(f"model '{spec.key}' ({spec.source_text}) is not available locally and could not be "
                         f"downloaded (no network or no access?): {first}") from None
     if qconfig is None:

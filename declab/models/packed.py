@@ -60,7 +60,7 @@ def pack_linears(model: torch.nn.Module) -> int:
 
 def use_packed(kernels: str, device: str, dtype: torch.dtype, quantization: str) -> bool:
     """Whether a model with these settings takes the oneDNN path (see the module docstring)."""
-    if kernels == "transformers":                  # compiled: these linears, called from the compiled graph
+    if kernels == "transformers":                  # (compiled packs too: its graph calls these linears)
         return False
     fits = device == "cpu" and dtype == torch.float32 and quantization in ("none", "int8") and available()
     if kernels == "onednn" and not fits:
