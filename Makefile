@@ -35,6 +35,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not model and not browser"
 
 bench: setup browser
+	$(PY) -m bench.llamacpp --install
 	$(PY) -m bench.run
 	$(PY) -m bench.speculative_cpu --reps 1
 	$(PY) -m bench.app_speed

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from declab.models.registry import load_registry
+from bench import llamacpp
 from declab.run import Run, RunRequest, get_lm, versions
 
 MODEL = "smollm2-135m-instruct"
@@ -56,9 +57,12 @@ class Row:
 
 INT8 = "smollm2-135m-instruct-int8"    # the CPU fast path (models.yaml): dynamic int8 linears, not token-exact
 STOCK = "smollm2-135m-instruct-stock"  # the embedded model on transformers' own kernels: what `generate` rows run on
-LLAMA_CPP_MS = 6.7                     # llama.cpp on the same GGUF, 2 threads, ms/token (issue 21; not installed here)
+LLAMA_CPP_MS = 6.7                     # llama.cpp on the same GGUF, 2 threads, ms/token: issue 21's figure, used only
+                                       # when bench/llamacpp.py has no environment here
 COMPILED = "smollm2-135m-instruct-compiled"  # kernels: compiled (declab/models/compiled.py), compiled at load
-MARGINAL = ("generate greedy", "greedy", "greedy stock kernels", "greedy compiled", "greedy int8 (CPU)")
+INT8_COMPILED = "smollm2-135m-instruct-int8-compiled"   # fbgemm int8 linears in a compiled step
+MARGINAL = ("generate greedy", "greedy", "greedy stock kernels", "greedy compiled", "greedy int8 (CPU)",
+            "greedy int8 compiled")
 SAMPLE_TARGET = 1.10
 BENCH = [
     Row("generate greedy", "generate", {"do_sample": False}, model=STOCK),
@@ -68,6 +72,7 @@ BENCH = [
     Row("greedy stock kernels", "greedy", model=STOCK),
     Row("greedy compiled", "greedy", model=COMPILED),
     Row("greedy int8 (CPU)", "greedy", model=INT8),
+    Row("greedy int8 compiled", "greedy", model=INT8_COMPILED),
     Row("sample", "sample", {"temperature": 1.0}),
     Row("sample top_p 0.9", "sample", {"temperature": 1.0, "top_p": 0.9}),
     Row("mirostat v1 tau 3", "mirostat", {"version": 1, "tau": 3.0}),
@@ -335,9 +340,17 @@ def main(argv=None) -> int:
         print(f"target: greedy compiled marginal / generate greedy marginal "
               f"{result['compiled']['marginal_vs_generate']:.3f} (<= 0.65); its tokens equal generate's (the stock "
               f"kernels' greedy): {same}; load {load_s.get(COMPILED)} s, of which compiling {compiled.compile_s} s")
-    if "marginal_ms" in table.get("greedy int8 (CPU)", {}):
-        r = table["greedy int8 (CPU)"]["marginal_ms"] / LLAMA_CPP_MS
-        print(f"target: int8 marginal / llama.cpp ({LLAMA_CPP_MS} ms, issue 21's measurement) {r:.2f} (<= 2.0)")
+    int8_rows = [label for label in ("greedy int8 (CPU)", "greedy int8 compiled") if "marginal_ms" in table.get(label, {})]
+    if int8_rows:                   # llama.cpp on the same GGUF, measured now (its own environment), or the issue's
+        ref, where = LLAMA_CPP_MS, "issue 21's measurement; bench.llamacpp --install builds llama-cpp-python here"
+        if llamacpp.installed():
+            measured = llamacpp.measure(args.tokens, max(3, args.reps), torch.get_num_threads())
+            ref, where = measured["marginal_ms"], f"llama-cpp-python {measured['version']}, measured in this run"
+            result["llama_cpp"] = measured
+        for label in int8_rows:
+            r = table[label]["marginal_ms"] / ref
+            result.setdefault("int8_vs_llama_cpp", {})[label] = round(r, 3)
+            print(f"target: {label} marginal / llama.cpp marginal ({ref:.2f} ms, {where}) {r:.2f} (<= 2.0)")
     for note in notes:
         print("note:", note)
     for k in ("load_cold_s", "load_warm_s"):

@@ -287,14 +287,18 @@ def cmd_drafters(args) -> int:
 
 
 def wait_until_interrupted(service: RunService, tick=None) -> None:
-    """Run the service to the end (calling `tick()` every 0.1 s meanwhile: the progress bar). A first Ctrl-C stops
-    the run after the current step, so it is kept (stored, exported) with status 'stopped'; a second Ctrl-C
-    interrupts at once."""
-    def wait() -> None:
-        service.start()
+    """Run the service to the end in this thread (RunService.run_here: the thread that loaded the model decodes),
+    calling `tick()` every 0.1 s meanwhile from a thread of its own (the progress bar). A first Ctrl-C stops the run
+    after the current step, so it is kept (stored, exported) with status 'stopped'; a second Ctrl-C interrupts at
+    once."""
+    def ticks() -> None:
         while not service.done.wait(0.1):
-            if tick is not None:
-                tick()
+            tick()
+
+    def wait() -> None:
+        if tick is not None:
+            threading.Thread(target=ticks, daemon=True, name="declab-progress").start()
+        service.run_here()
 
     if threading.current_thread() is not threading.main_thread():
         wait()

@@ -17,9 +17,10 @@ PROMPT = "The history of the printing press begins"
 
 
 @pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory):
-    """The same tiny random Llama folder as two registry entries: compiled steps and transformers' stock kernels."""
-    from declab.models.loading import embedded_folder, load_lm
+def tiny_registry(tmp_path_factory):
+    """One tiny random Llama folder as four registry entries: compiled steps and transformers' stock kernels, in
+    float32 and with dynamic int8 linears."""
+    from declab.models.loading import embedded_folder
     base = load_registry().get(load_registry().default)
     folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
@@ -28,16 +29,23 @@ def tiny_pair(tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(str(embedded_folder(base)), local_files_only=True).save_pretrained(folder)
     registry = folder / "models.yaml"
-    entry = "    source: {{path: {f}}}\n    chat: false\n    dtype: float32\n    device: cpu\n    kernels: {k}\n"
-    registry.write_text("models:\n  tiny-compiled:\n" + entry.format(f=folder, k="compiled")
-                        + "  tiny-stock:\n" + entry.format(f=folder, k="transformers"))
+    entry = ("    source: {{path: {f}}}\n    chat: false\n    dtype: float32\n    device: cpu\n    kernels: {k}\n"
+             "    quantization: {q}\n")
+    registry.write_text("models:\n" + "".join(f"  {key}:\n" + entry.format(f=folder, k=k, q=q) for key, k, q in (
+        ("tiny-compiled", "compiled", "none"), ("tiny-stock", "transformers", "none"),
+        ("tiny-int8-compiled", "compiled", "int8"), ("tiny-int8", "auto", "int8"))))
     mp = pytest.MonkeyPatch()
     mp.setenv("DECLAB_MODELS", str(registry))
-    reg = load_registry()
-    compiled, _ = load_lm(reg.get("tiny-compiled"))          # compiles the 128-position bucket at load
-    stock, _ = load_lm(reg.get("tiny-stock"))
-    yield compiled, stock
+    yield load_registry()
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_registry):
+    from declab.models.loading import load_lm
+    compiled, _ = load_lm(tiny_registry.get("tiny-compiled"))     # compiles the 128-position bucket at load
+    stock, _ = load_lm(tiny_registry.get("tiny-stock"))
+    return compiled, stock
 
 
 def greedy(lm, n: int):
@@ -75,11 +83,42 @@ def test_bucket_lengths():
     assert [bucket(n) for n in (1, 57, 128, 129, 300, 4096)] == [128, 128, 128, 256, 512, 4096]
 
 
-def test_registry_refuses_compiled_with_quantization(tmp_path):
+def test_registry_refuses_compiled_with_bitsandbytes(tmp_path):
     p = tmp_path / "m.yaml"
-    p.write_text("models:\n  a: {source: {hub: x/y}, kernels: compiled, quantization: int8}\n")
-    with pytest.raises(UserError, match="kernels.*compiled needs quantization none"):
+    p.write_text("models:\n  a: {source: {hub: x/y}, kernels: compiled, quantization: bnb-4bit}\n")
+    with pytest.raises(UserError, match="kernels.*compiled needs quantization none or int8"):
         load_registry(p)
+
+
+@pytest.mark.model
+def test_compiled_int8_calls_fbgemm_int8_linears_and_decodes_like_them_eagerly(tiny_registry, monkeypatch):
+    """kernels: compiled with quantization: int8: every linear (the LM head too) is an Int8Linear behind the
+    opaque declab::int8_linear op; one compiled step runs each of them once, and a greedy run decodes what the same
+    modules decode without the compiled graph."""
+    import copy
+    from declab.models.compiled import Int8Linear
+    from declab.models.loading import load_lm
+    lm, _ = load_lm(tiny_registry.get("tiny-int8-compiled"))
+    int8 = [m for m in lm.model.modules() if isinstance(m, Int8Linear)]
+    assert len(int8) == 2 * 7 + 1 and isinstance(lm.model.lm_head, Int8Linear)         # q k v o gate up down, head
+    assert not any(type(m) is torch.nn.Linear for m in lm.model.modules())
+    assert set(lm.compiled.compile_s) == {128}                                           # compiled at load
+    calls, kernel = [], torch.fbgemm_linear_int8_weight_fp32_activation
+    monkeypatch.setattr(torch, "fbgemm_linear_int8_weight_fp32_activation",
+                        lambda *a: calls.append(1) or kernel(*a))
+    out = lm.prefill(lm.as_ids([1, 2, 3]), max_len=40)
+    assert len(calls) == len(int8)                                                       # the eager prefill
+    calls.clear()
+    lm.step([[4]], out.cache)                                                            # one compiled step
+    assert len(calls) == len(int8), "the compiled step did not run each int8 linear once"
+    monkeypatch.undo()
+    eager = copy.copy(lm)
+    eager.compiled = None                                    # the same modules, eager forwards on a dynamic cache
+    a, b = greedy(lm, 40), greedy(eager, 40)
+    assert len(a.sequences[0].token_ids) == 40 and a.sequences[0].token_ids == b.sequences[0].token_ids
+    ta, tb = (r.frame[r.frame.kind == "token"].reset_index(drop=True) for r in (a, b))
+    for col in ("logprob", "entropy"):
+        assert torch.allclose(torch.tensor(ta[col].to_numpy()), torch.tensor(tb[col].to_numpy()), atol=1e-3), col
 
 
 @pytest.mark.model

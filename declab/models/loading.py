@@ -23,6 +23,7 @@ from typing import Callable
 
 from declab.core.errors import UserError, first_line
 from declab.core.paths import cache_root, package_folder
+from declab.models.compiled import int8_linears
 from declab.models.draft import build_draft_model, weights_path
 from declab.models.lm import LM
 from declab.models.packed import pack_linears, use_packed
@@ -187,10 +188,12 @@ def _load_transformers(spec: ModelSpec) -> tuple[LM, bool]:
     if spec.quantization == "int8":
         if device != "cpu":
             raise UserError(f"model '{spec.key}': quantization int8 is the CPU fast path; use bnb-8bit on CUDA")
-        # dynamic int8 on the transformer blocks' linears; the LM head stays float32 so logits stay precise
-        prefix = model.base_model_prefix
-        setattr(model, prefix, torch.ao.quantization.quantize_dynamic(getattr(model, prefix), {torch.nn.Linear},
-                                                                     dtype=torch.qint8))
+        if spec.kernels == "compiled":             # fbgemm int8 linears, LM head included, that compile
+            int8_linears(model)
+        else:      # dynamic int8 on the transformer blocks' linears; the LM head stays float32 so logits stay precise
+            prefix = model.base_model_prefix
+            setattr(model, prefix, torch.ao.quantization.quantize_dynamic(getattr(model, prefix), {torch.nn.Linear},
+                                                                         dtype=torch.qint8))
     if use_packed(spec.kernels, device, dtype, spec.quantization):
         pack_linears(model)                        # the exact fast CPU path (int8: the float32 LM head)
     lm = LM(model, tokenizer, spec, device=device, dtype=dtype, quantization=spec.quantization)

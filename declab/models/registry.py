@@ -99,8 +99,8 @@ def _entry(key: str, raw, where: str) -> ModelSpec:
                            ("cache", CACHES), ("kernels", KERNELS)):
         if raw.get(field, allowed[0]) not in allowed:
             bad(field, f"must be one of {', '.join(allowed)}, got {raw.get(field)!r}")
-    if raw.get("kernels") == "compiled" and raw.get("quantization", "none") != "none":
-        bad("kernels", "compiled needs quantization none (it compiles the float weights)")
+    if raw.get("kernels") == "compiled" and raw.get("quantization", "none") not in ("none", "int8"):
+        bad("kernels", "compiled needs quantization none or int8 (bitsandbytes layers do not compile here)")
     ctx = raw.get("context_length", 2048)
     if not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 16:
         bad("context_length", f"must be an integer >= 16, got {ctx!r}")

@@ -48,9 +48,19 @@ class RunService:
         threading.Thread(target=self._work, daemon=True, name=f"declab-{self.kind}").start()
         return self
 
+    def run_here(self) -> "RunService":
+        """Run the jobs in the calling thread, to the end (the CLI: its main thread loaded the model). Torch's
+        OpenMP keeps a pool of worker threads for every thread that has run a parallel operation, for as long as
+        that thread lives; while two such pools exist on a machine with fewer free cores than their threads, GNU
+        OpenMP stops spinning between operations and every operation waits for a sleeping worker. Decoding in a
+        second thread after the main thread loaded the model measured 2.2x slower per step than in the main
+        thread (README.md, issue 21), so a process that loads in its main thread decodes there too."""
+        self._work()
+        return self
+
     def _work(self) -> None:
-        if hasattr(signal, "pthread_sigmask"):      # Ctrl-C goes to the main thread, which stops the runs at once
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        if hasattr(signal, "pthread_sigmask") and threading.current_thread() is not threading.main_thread():
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})   # Ctrl-C goes to the main thread
         try:
             for i, job in enumerate(self.jobs):
                 self.current = i
