@@ -89,8 +89,9 @@ def get_registry() -> Registry:
 @st.cache_resource(show_spinner=False, max_entries=3)
 def _cached_lm(key: str, path: str):
     """One LM per (model key, registry file) for the whole server process, shared by every session.
-    The LM holds weights and tokenizer only; runs keep their state on their own `Run` objects."""
-    return loading.load_lm(load_registry(path).get(key))[0]
+    The LM holds weights and tokenizer only; runs keep their state on their own `Run` objects. Loaded in a passing
+    thread: this script thread lives on while the run decodes in the service's (declab/run/threads.py)."""
+    return threads.in_passing_thread(lambda: loading.load_lm(load_registry(path).get(key))[0])
 
 
 def load_model(key: str):

@@ -22,7 +22,8 @@ from declab.core.corpus import confine_params
 from declab.run import Run, RunRequest, validate
 from declab.run.service import Job, RunService
 
-POLL_S = 0.12                         # how often the page refreshes a streaming run
+POLL_S = 0.25                         # how often the page looks at a streaming run (it redraws only what changed:
+                                      # the page and the browser share the cores with the decoding, issue 21)
 
 
 def active() -> RunService | None:
@@ -128,6 +129,7 @@ def follow(service: RunService) -> None:
                 if len(service.jobs) > 1:
                     st.caption(common.plain(job.label))
                 slots.append((st.empty(), st.empty()))
+    shown: dict[int, tuple] = {}                      # job index -> what its slots show now
     try:
         while True:
             finished = service.done.is_set()
@@ -136,6 +138,9 @@ def follow(service: RunService) -> None:
                 total = job.run.request.max_new_tokens
                 state = "done" if job.run.result is not None or finished else (
                     "decoding" if i == service.current else "waiting")
+                if shown.get(i) == (len(ids), state):
+                    continue
+                shown[i] = (len(ids), state)
                 bar.progress(min(len(ids) / total, 1.0), text=f"{len(ids)} / {total} tokens · {state}")
                 text.code(job.run.lm.decode(ids) if ids else " ", language=None, wrap_lines=True)
             if finished:

@@ -97,7 +97,7 @@ def cli_tokens_per_s(prompt: str, tokens: int, env: dict) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.app_speed", description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=96)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args(argv)
     if not Path(CHROMIUM).exists():
         print(f"bench.app_speed: {CHROMIUM} is missing (make browser); skipped")

@@ -79,6 +79,18 @@ def test_runs_in_one_bucket_reuse_the_compiled_graph(tiny_pair):
     assert c.sequences[0].token_ids == greedy(stock, 30).sequences[0].token_ids
 
 
+@pytest.mark.model
+def test_a_second_bucket_compiles_once_and_each_bucket_keeps_its_own_graph(tiny_pair):
+    """A run past 128 positions compiles the 256 bucket; afterwards steps skip the guards the buckets share, so a
+    128-bucket run must still take its own graph (tokens equal to the stock kernels' on both)."""
+    compiled, stock = tiny_pair
+    long = greedy(compiled, 150)                              # prompt + 150 > 128: the 256 bucket
+    assert set(compiled.compiled.compile_s) == {128, 256}
+    assert long.sequences[0].token_ids == greedy(stock, 150).sequences[0].token_ids
+    assert greedy(compiled, 20).sequences[0].token_ids == greedy(stock, 20).sequences[0].token_ids
+    assert greedy(compiled, 140).sequences[0].token_ids == long.sequences[0].token_ids[:140]
+
+
 def test_bucket_lengths():
     assert [bucket(n) for n in (1, 57, 128, 129, 300, 4096)] == [128, 128, 128, 256, 512, 4096]
 

@@ -482,3 +482,14 @@ def test_cli_runs_bad_input_exits_2_with_one_line(capsys, argv, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("declab: error: ")
     assert __import__("re").search(message, err), err
+
+
+def test_cli_decodes_in_the_thread_that_loaded_the_model(fake_registry, monkeypatch, capsys, tmp_store):
+    """`declab run` loads the model in its main thread and decodes there too (RunService.run_here): with a second
+    thread decoding while the main thread keeps its OpenMP pool, every torch operation waited for a sleeping worker
+    (2.2x slower per step on the reference machine, README.md)."""
+    import threading
+    seen = []
+    _patched_greedy(monkeypatch, 1, lambda ctx: seen.append(threading.current_thread() is threading.main_thread()))
+    assert main(["run", "--strategy", "greedy", "--prompt", " the cat", "--max-new-tokens", "4", "--no-store"]) == 0
+    assert seen == [True]

@@ -63,3 +63,33 @@ def test_cli_refuses_a_bad_thread_setting_with_one_line(fake_registry, monkeypat
     assert main(["list"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["declab: error: DECLAB_THREADS must be 'auto' or a whole number of threads >= 1, got 'lots'"]
+
+
+def test_in_passing_thread_runs_elsewhere_and_hands_back_the_result_or_the_error():
+    import threading
+    here = threading.current_thread()
+    assert threads.in_passing_thread(lambda: threading.current_thread()) is not here
+
+    def boom():
+        raise ValueError("the load failed")
+    with pytest.raises(ValueError, match="the load failed"):
+        threads.in_passing_thread(boom)
+
+
+def test_the_app_loads_models_in_a_passing_thread(monkeypatch):
+    """The page's script thread lives on while the run decodes, so it must not keep torch's OpenMP pool (see
+    declab/run/threads.py): the load runs in a thread that has ended when the model is handed back."""
+    import threading
+    from app import common
+    seen = []
+
+    def load(spec):
+        seen.append(threading.current_thread())
+        return ("lm", {})
+    monkeypatch.setattr(common.loading, "load_lm", load)
+    common._cached_lm.clear()
+    try:
+        assert common._cached_lm(common.load_registry(common.registry_path()).default, common.registry_path()) == "lm"
+    finally:
+        common._cached_lm.clear()
+    assert seen and seen[0] is not threading.current_thread() and not seen[0].is_alive()

@@ -75,3 +75,28 @@ def apply(setting=None) -> int:
         n = choose(setting)
         torch.set_num_threads(n)
     return n
+
+
+def in_passing_thread(fn):
+    """fn() in a thread of its own that ends with it; its result, or its exception re-raised here.
+
+    For torch work (a model load: weight packing, a compile's warm-up) done by a thread that lives on while a run
+    decodes in another, such as a page's script thread showing the run's progress. Torch's OpenMP keeps a pool of
+    worker threads for every thread that has run a parallel operation, for as long as that thread lives; while two
+    such pools exist and their threads outnumber the cores, GNU OpenMP stops spinning between operations and every
+    operation of the decoding thread waits for a sleeping worker (decoding measured 2.2x slower per step, README.md,
+    issue 21). A passing thread takes its pool with it when it ends."""
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:          # handed to the caller as it is
+            box["error"] = e
+
+    t = threading.Thread(target=work, name="declab-load")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
