@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from declab.models.registry import load_registry
 from bench import llamacpp
+from declab.models.registry import load_registry
 from declab.run import Run, RunRequest, get_lm, versions
 
 MODEL = "smollm2-135m-instruct"

@@ -39,14 +39,15 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 import time
+import warnings
 
 import torch
 import torch._inductor.config as inductor_config
 
 from declab.core.errors import UserError, first_line
 from declab.core.paths import cache_root
+from declab.models.packed import replace_linears
 
 MIN_BUCKET = 128                         # the smallest StaticCache length (positions)
 
@@ -105,12 +106,7 @@ class Int8Linear(torch.nn.Module):
 def int8_linears(model: torch.nn.Module) -> int:
     """Replace every float `nn.Linear` of `model` (the LM head included) by an Int8Linear, in place. Returns how
     many."""
-    targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is torch.nn.Linear]
-    for name, mod in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, Int8Linear(mod))
-    return len(targets)
+    return replace_linears(model, Int8Linear)
 
 
 def bucket(length: int) -> int:

@@ -46,16 +46,22 @@ class PackedLinear(torch.nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn packed"
 
 
-def pack_linears(model: torch.nn.Module) -> int:
-    """Replace every float32 CPU `nn.Linear` of `model` (the LM head included) by a PackedLinear, in place.
-    Returns how many were replaced."""
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if type(mod) is torch.nn.Linear and mod.weight.dtype == torch.float32 and mod.weight.device.type == "cpu"]
+def replace_linears(model: torch.nn.Module, make, want=lambda linear: True) -> int:
+    """Replace every plain `nn.Linear` of `model` (the LM head included) for which `want(linear)` by `make(linear)`,
+    in place. Returns how many were replaced."""
+    targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is torch.nn.Linear and want(mod)]
     for name, mod in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, PackedLinear(mod))
+        setattr(parent, attr, make(mod))
     return len(targets)
+
+
+def pack_linears(model: torch.nn.Module) -> int:
+    """Replace every float32 CPU `nn.Linear` of `model` (the LM head included) by a PackedLinear, in place.
+    Returns how many were replaced."""
+    return replace_linears(model, PackedLinear,
+                           lambda m: m.weight.dtype == torch.float32 and m.weight.device.type == "cpu")
 
 
 def use_packed(kernels: str, device: str, dtype: torch.dtype, quantization: str) -> bool:

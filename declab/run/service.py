@@ -49,12 +49,8 @@ class RunService:
         return self
 
     def run_here(self) -> "RunService":
-        """Run the jobs in the calling thread, to the end (the CLI: its main thread loaded the model). Torch's
-        OpenMP keeps a pool of worker threads for every thread that has run a parallel operation, for as long as
-        that thread lives; while two such pools exist on a machine with fewer free cores than their threads, GNU
-        OpenMP stops spinning between operations and every operation waits for a sleeping worker. Decoding in a
-        second thread after the main thread loaded the model measured 2.2x slower per step than in the main
-        thread (README.md, issue 21), so a process that loads in its main thread decodes there too."""
+        """Run the jobs in the calling thread, to the end: the CLI, whose main thread loaded the model, decodes there
+        too (one thread with torch's OpenMP pool: see declab/run/threads.py, "Which thread")."""
         self._work()
         return self
 

@@ -13,6 +13,13 @@ second torch process, a sweep), each operation waits for a thread that is not ru
 Set it with the environment variable DECLAB_THREADS (`auto` or a number), or for the app in the sidebar's
 settings. Decoding one small model is bound by memory bandwidth, so one thread loses little against two (the
 measured ratio is in README.md), while an oversubscribed core loses most of its speed.
+
+Which thread: torch's OpenMP keeps a pool of worker threads for every thread that has run a parallel operation,
+for as long as that thread lives. While two such pools exist and their threads outnumber the cores, GNU OpenMP
+stops spinning between operations, and every operation of the decoding thread waits for a sleeping worker:
+decoding in a second thread after the main thread had loaded the model measured 2.2x slower per step (README.md,
+issue 21). So a process decodes in the thread that did its torch work (the CLI: `RunService.run_here`), or does
+that work in a thread that ends with it (the app's model loads: `in_passing_thread`).
 """
 
 from __future__ import annotations
@@ -80,12 +87,9 @@ def apply(setting=None) -> int:
 def in_passing_thread(fn):
     """fn() in a thread of its own that ends with it; its result, or its exception re-raised here.
 
-    For torch work (a model load: weight packing, a compile's warm-up) done by a thread that lives on while a run
-    decodes in another, such as a page's script thread showing the run's progress. Torch's OpenMP keeps a pool of
-    worker threads for every thread that has run a parallel operation, for as long as that thread lives; while two
-    such pools exist and their threads outnumber the cores, GNU OpenMP stops spinning between operations and every
-    operation of the decoding thread waits for a sleeping worker (decoding measured 2.2x slower per step, README.md,
-    issue 21). A passing thread takes its pool with it when it ends."""
+    For torch work (a model load: weight packing, a compile's warm-up) asked for by a thread that lives on while a
+    run decodes in another, such as a page's script thread showing the run's progress: the passing thread takes its
+    OpenMP pool with it when it ends (see "Which thread" above)."""
     box: dict = {}
 
     def work() -> None:
